@@ -1,0 +1,153 @@
+"""Model checkpoints: a directory with config.json, model.safetensors and (optionally) tokenizer.json.
+
+Nothing here unpickles: weights are safetensors, everything else is JSON. Directories are written
+atomically - into a temporary sibling that is renamed into place - so a crash mid-write never leaves
+a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Config
+from .errors import UserError
+from .model import LlamaModel
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; the LM head is left out when tied (safetensors refuses shared storage)."""
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None) -> None:
+    """Write the three model files into an existing directory (no atomicity: see `atomic_dir`)."""
+    save_file(model_state_dict(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+    cfg.save_json(directory / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER)
+
+
+class atomic_dir:
+    """`with atomic_dir(final) as tmp:` write into tmp; on success tmp replaces `final` in one rename."""
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final)
+        self.tmp = self.final.parent / f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        _fsync_dir(self.tmp)
+        if self.final.exists():  # replace: move the old one aside first, then drop it
+            old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in [*path.iterdir(), path] if path.is_dir() else [path]:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None) -> Path:
+    with atomic_dir(path) as tmp:
+        write_model_files(tmp, model, cfg, tokenizer)
+    return Path(path)
+
+
+def load_config(path: str | Path) -> Config:
+    path = _checkpoint_dir(path)
+    return Config.load_json(path / CONFIG)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaModel:
+    """Build the model from `path/config.json` and load `path/model.safetensors` (strictly)."""
+    path = _checkpoint_dir(path)
+    cfg = load_config(path)
+    model = LlamaModel(cfg.model)
+    load_weights(model, path / WEIGHTS)
+    return model.to(device).eval()
+
+
+def load_weights(model: LlamaModel, file: Path) -> None:
+    if not file.is_file():
+        raise UserError(f"{file}: missing model weights")
+    try:
+        sd = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    if model.cfg.tie_word_embeddings:
+        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{file}: weights do not match config.json "
+                        f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                        f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{file}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint; a one-line error if the checkpoint has none."""
+    from .tokenizer import load_tokenizer as _load
+
+    path = _checkpoint_dir(path)
+    if not (path / TOKENIZER).is_file():
+        raise UserError(f"{path}: this checkpoint has no tokenizer.json (e.g. imported from transformers "
+                        f"without one); pass a tokenizer or train one with `pretrain`")
+    return _load(path / TOKENIZER)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    return (Path(path) / TOKENIZER).is_file()
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint directory")
+    if not path.is_dir() or not (path / CONFIG).is_file():
+        raise UserError(f"{path}: not a llama4dpo checkpoint (expected a directory with {CONFIG})")
+    return path
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: cannot read JSON ({e})") from None

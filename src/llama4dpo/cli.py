@@ -1,0 +1,92 @@
+"""The `llama4dpo` command line. Each subcommand is a small function; heavy imports happen inside them.
+
+A user's mistake (bad config key, missing file, malformed data) is printed as one line, `error: ...`,
+with exit status 2 - never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import load_model, has_tokenizer
+
+    model = load_model(args.ckpt)
+    m = model.cfg
+    total, active = model.num_params()
+    moe = m.moe_layer_ids
+    rows = [
+        ("layers", f"{m.num_hidden_layers} ({len(moe)} MoE: {moe}; NoPE: "
+                   f"{[i for i, f in enumerate(m.rope_layer_flags) if not f]})"),
+        ("hidden / heads / kv heads / head_dim", f"{m.hidden_size} / {m.num_attention_heads} / {m.n_kv_heads} / {m.d_head}"),
+        ("experts", f"{m.num_local_experts} routed (top-{m.num_experts_per_tok}) + 1 shared, width {m.expert_size}"),
+        ("dense MLP width", str(m.dense_size)),
+        ("attention chunk", str(m.attention_chunk_size)),
+        ("vocab", str(m.vocab_size)),
+        ("parameters (total)", f"{total:,}"),
+        ("parameters (active per token)", f"{active:,}"),
+        ("tokenizer", "yes" if has_tokenizer(args.ckpt) else "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from .interop import export_hf
+
+    out = export_hf(args.ckpt, args.out_dir)
+    print(f"wrote {out} (load with transformers.Llama4ForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from .interop import import_hf
+
+    out = import_hf(args.hf_dir, args.out_ckpt)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama4dpo", description="Llama 4 (text, MoE) with pretraining, SFT and DPO.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("info", help="layers, experts, total and active parameter counts of a checkpoint")
+    s.add_argument("ckpt")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("export-hf", help="write a transformers Llama4ForCausalLM directory")
+    s.add_argument("ckpt")
+    s.add_argument("out_dir")
+    s.set_defaults(func=cmd_export_hf)
+
+    s = sub.add_parser("import-hf", help="convert a transformers Llama 4 directory into a checkpoint")
+    s.add_argument("hf_dir")
+    s.add_argument("out_ckpt")
+    s.set_defaults(func=cmd_import_hf)
+
+    from .commands import add_commands  # training, evaluation and generation commands
+    add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

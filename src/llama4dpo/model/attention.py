@@ -1,0 +1,109 @@
+"""Llama 4 attention: GQA; RoPE layers (qk-norm, chunked-local causal mask) and NoPE layers (global causal
+mask, attention-temperature tuning). Plus the KV cache used for incremental decoding."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import RotaryPositionalEmbedding
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, plus each cached token's position and padding flag.
+
+    k[layer], v[layer]: (B, K, max_len, d). `length` tokens are filled; the model advances it after a forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.d_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, S, d) at [length, length + S) and return everything cached so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.d_head
+        self.use_rope = cfg.rope_layer_flags[layer_idx]
+        self.chunked = self.use_rope and cfg.attention_chunk_size is not None
+        # NoPE layers get neither qk-norm nor RoPE, but (optionally) temperature tuning.
+        self.qk_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, weight=False) if cfg.use_qk_norm and self.use_rope else None
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
+        self.dropout = cfg.attention_dropout
+        D, H, K, d = cfg.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, K * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, K * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * d, D, bias=cfg.attention_bias)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, S, D); rope = (cos, sin) for the S positions; mask: bool (B|1, 1, S, S_kv) where True means
+        "may attend", or None for plain causal attention over exactly these S tokens."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = RotaryPositionalEmbedding.rotate(q, *rope), RotaryPositionalEmbedding.rotate(k, *rope)
+            if self.qk_norm is not None:
+                q, k = self.qk_norm(q), self.qk_norm(k)
+        if self.temperature_tuning:
+            # Long-context NoPE layers sharpen attention with position: 1 + s * ln(1 + floor((p+1)/fs)).
+            scale = 1 + self.attn_scale * torch.log1p(torch.floor((positions.float() + 1) / self.floor_scale))
+            q = (q * scale[:, :, None, None]).type_as(q)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_kv, d)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim),
+            enable_gqa=self.n_kv_heads != self.n_heads)  # kv head j serves query heads j*g .. j*g+g-1
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def init_weights(self, std: float) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+
+def attention_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None,
+                    offset: int, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, S_kv), True = may attend, for full and chunked layers.
+
+    q_pos (B, S) and k_pos (B, S_kv) are token positions; query i sits at sequence index offset + i.
+    Causality is by index; chunking compares positions: a key is visible to a RoPE layer's query only
+    inside the same block of `chunk_size` positions (a hard reset at boundaries, not a sliding window).
+    Each query may always see itself, so rows of padding never become all -inf (NaN).
+    """
+    S, S_kv = q_pos.shape[1], k_pos.shape[1]
+    q_idx = torch.arange(S, device=q_pos.device)[:, None] + offset
+    k_idx = torch.arange(S_kv, device=q_pos.device)[None, :]
+    causal = (k_idx <= q_idx)[None]  # (1, S, S_kv)
+    if k_valid is not None:
+        causal = causal & k_valid[:, None, :]
+    diag = (k_idx == q_idx)[None]
+    full = (causal | diag)[:, None]
+    chunked = None
+    if chunk_size is not None:
+        same = (q_pos[:, :, None] // chunk_size) == (k_pos[:, None, :] // chunk_size)
+        chunked = ((causal & same) | diag)[:, None]
+    return full, chunked

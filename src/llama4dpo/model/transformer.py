@@ -1,0 +1,136 @@
+"""The Llama 4 text model: pre-norm decoder blocks over token embeddings, final norm, LM head.
+
+Module names follow transformers' Llama4ForCausalLM, so our state dict maps onto theirs with a `model.`
+prefix (see interop/hf.py): embed_tokens, layers.N.{self_attn, feed_forward, input_layernorm,
+post_attention_layernorm}, norm, lm_head.
+"""
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention, KVCache, attention_masks
+from .moe import MoE, FeedForward
+from .norm import RMSNorm
+from .rope import RotaryPositionalEmbedding
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.dense_size)
+
+    def forward(self, x, rope, positions, masks, cache=None):
+        mask = masks[1] if self.self_attn.chunked else masks[0]
+        h = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+    def init_weights(self, std: float) -> None:
+        self.input_layernorm.init_weights()
+        self.post_attention_layernorm.init_weights()
+        self.self_attn.init_weights(std)
+        self.feed_forward.init_weights(std)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.rotary_emb = RotaryPositionalEmbedding(cfg)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, seed: int | None = None) -> "LlamaModel":
+        """N(0, initializer_range) for every matrix, ones for norms, zero padding row (as transformers)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        std = self.cfg.initializer_range
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+        if self.cfg.pad_token_id is not None:
+            with torch.no_grad():
+                self.embed_tokens.weight[self.cfg.pad_token_id].zero_()
+        self.rotary_emb.init_weights()
+        for layer in self.layers:
+            layer.init_weights(std)
+        self.norm.init_weights()
+        if not self.cfg.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, V), or the final hidden states (B, S, D) with return_hidden.
+
+        attention_mask (B, S_past + S), 1 for real tokens, 0 for (left) padding. Positions default to
+        the count of real tokens before each one, so a left-padded row computes what it would alone.
+        With a cache, the new tokens are appended to it and attend to everything cached.
+        """
+        B, S = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + S]
+            else:
+                position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        masks = self._masks(position_ids, attention_mask, cache, S)
+        rope = self.rotary_emb(position_ids)
+
+        x = self.embed_tokens(input_ids)  # (B, S, D); Llama 4 does not scale embeddings
+        for layer in self.layers:
+            x = layer(x, rope, position_ids, masks, cache)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length += S
+        return x if return_hidden else self.lm_head(x)
+
+    def _masks(self, position_ids, attention_mask, cache, S):
+        """(full, chunked) boolean masks, or None where SDPA's built-in causal mask is exact (training)."""
+        chunk = self.cfg.attention_chunk_size
+        if cache is None and attention_mask is None:
+            if chunk is None or int(position_ids.max()) < chunk:  # nothing crosses a chunk boundary
+                return None, None
+            full, chunked = attention_masks(position_ids, position_ids, None, 0, chunk)
+            return None, chunked
+        if cache is None:
+            valid = attention_mask.bool()
+            return attention_masks(position_ids, position_ids, valid, 0, chunk)
+        end = cache.length + S
+        cache.positions[:, cache.length:end] = position_ids
+        cache.valid[:, cache.length:end] = attention_mask[:, cache.length:end].bool() if attention_mask is not None else True
+        return attention_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], cache.length, chunk)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.cfg, batch_size, max_len, p.device, dtype)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE load-balancing terms of the last forward (None when disabled)."""
+        terms = [l.feed_forward.aux_loss for l in self.layers if l.is_moe and l.feed_forward.aux_loss is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert in the last forward, per MoE layer index."""
+        return {i: l.feed_forward.tokens_per_expert.tolist() for i, l in enumerate(self.layers)
+                if l.is_moe and l.feed_forward.tokens_per_expert is not None}
+
+    def num_params(self) -> tuple[int, int]:
+        """(total, active per token): active counts top-k of the routed experts, not all E."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for l in self.layers:
+            if l.is_moe:
+                ex = l.feed_forward.experts
+                per_expert = (ex.gate_up_proj.numel() + ex.down_proj.numel()) // l.feed_forward.num_experts
+                inactive += per_expert * (l.feed_forward.num_experts - l.feed_forward.top_k)
+        return total, total - inactive
