@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,91 @@
+"""What happened to every record: skips counted by reason (with where they were), truncation counted.
+
+Bad input never crashes a run and is never dropped silently. Each bad record is skipped with one of
+these reasons, and `DataReport.summary()` prints the counts and the first few locations before training:
+
+    malformed_json       a JSONL line (or JSON record) that does not parse, or is not an object
+    missing_field        a required field is absent (prompt for explicit; chosen, rejected)
+    null_field           a required field is null (or a CSV row with too few cells)
+    non_string_field     a text field that is a number, list, ... (message lists only in conversational)
+    empty_field          a prompt or response that is empty or whitespace after normalisation
+    bad_messages         conversational: not a list of {"role": user|assistant|system, "content": str}
+    no_assistant_turn    the transcripts share no "Assistant:" turn / the last message is not the assistant's
+    mismatched_prompts   conversational: chosen and rejected continue different conversations
+    identical_responses  chosen == rejected after normalisation (no preference to learn)
+    prompt_too_long      the tokenised prompt alone is longer than max_length
+
+In strict mode the first bad record is a one-line `UserError` instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+REASONS = ("malformed_json", "missing_field", "null_field", "non_string_field", "empty_field", "bad_messages",
+           "no_assistant_turn", "mismatched_prompts", "identical_responses", "prompt_too_long")
+SHOW_FIRST = 5  # locations remembered per reason
+
+
+class Skip(Exception):
+    """Raised by record parsers; caught by `DataReport.skip`'s caller. `detail` is a short phrase."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str = ""
+    unit: str = "line"               # "line" (1-based, JSONL/CSV) or "record" (0-based index: JSON/parquet/hub)
+    strict: bool = False
+    records: int = 0                 # records read, good and bad
+    skipped: Counter = field(default_factory=Counter)
+    first: dict[str, list[int]] = field(default_factory=dict)  # reason -> first SHOW_FIRST locations
+    n_train: int = 0
+    n_eval: int = 0
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncated_prompts: int = 0       # prompts cut to their last max_prompt_length tokens
+    truncated_chosen: int = 0        # responses cut to fit max_length (their eos is lost)
+    truncated_rejected: int = 0
+
+    def where(self, loc: int) -> str:
+        return f"{self.source} line {loc}" if self.unit == "line" else f"{self.source} record {loc}"
+
+    def skip(self, reason: str, loc: int, detail: str = "") -> None:
+        """Count one bad record; in strict mode raise the one-line error instead."""
+        if self.strict:
+            why = f"{reason} ({detail})" if detail else reason
+            raise UserError(f"{self.where(loc)}: {why}; bad records are errors because data.strict=true "
+                            "(set it to false to skip and count them)")
+        self.skipped[reason] += 1
+        self.first.setdefault(reason, [])
+        if len(self.first[reason]) < SHOW_FIRST:
+            self.first[reason].append(loc)
+
+    @property
+    def kept(self) -> int:
+        return self.n_train + self.n_eval
+
+    def summary(self) -> str:
+        """A few lines for the console / log, printed before training starts."""
+        n_skip = sum(self.skipped.values())
+        lines = [f"data {self.source} ({self.format}): {self.records} records, {self.kept} kept "
+                 f"({self.n_train} train / {self.n_eval} eval), {n_skip} skipped"]
+        for reason in REASONS:
+            if self.skipped[reason]:
+                more = ", ..." if self.skipped[reason] > len(self.first[reason]) else ""
+                locs = ", ".join(map(str, self.first[reason])) + more
+                lines.append(f"  skipped {self.skipped[reason]} {reason} ({self.unit}s {locs})")
+        if self.max_length is not None:
+            lines.append(f"  truncation (max_length={self.max_length}, max_prompt_length={self.max_prompt_length}: "
+                         f"prompts keep their end, responses their start): {self.truncated_prompts} prompts, "
+                         f"{self.truncated_chosen} chosen and {self.truncated_rejected} rejected responses cut "
+                         "(a cut response loses its eos)")
+        return "\n".join(lines)
