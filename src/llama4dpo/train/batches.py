@@ -1,0 +1,71 @@
+"""Batch sources whose output is a pure function of (step, micro-batch): resuming at step s needs no
+saved data-loader state, and a run killed anywhere replays exactly the same batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+class WindowBatches:
+    """Random windows of a token stream for pretraining (nanoGPT's get_batch, made step-deterministic)."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, micro_batch_size: int, seed: int):
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"token stream of {len(tokens)} tokens is shorter than block_size + 2")
+        self.tokens, self.block, self.bs, self.seed = tokens, block_size, micro_batch_size, seed
+
+    def __call__(self, step: int, micro: int) -> dict:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + micro)
+        starts = torch.randint(0, len(self.tokens) - self.block - 1, (self.bs,), generator=g)
+        x = torch.stack([self.tokens[s:s + self.block + 1] for s in starts.tolist()])  # (B, block+1)
+        return {"input_ids": x, "labels": x}
+
+    def fixed(self, n_batches: int) -> list[dict]:
+        """Evaluation batches: evenly spaced, non-random windows."""
+        n = n_batches * self.bs
+        span = len(self.tokens) - self.block - 1
+        starts = [int(i * span / max(n, 1)) for i in range(n)]
+        x = torch.stack([self.tokens[s:s + self.block + 1] for s in starts])
+        return [{"input_ids": b, "labels": b} for b in x.split(self.bs)]
+
+
+class ExampleBatches:
+    """Shuffled passes over prepared examples (SFT, preference). Epoch e uses permutation(seed, e); the
+    k-th micro-batch overall takes the next `micro_batch_size` examples of that order."""
+
+    def __init__(self, examples: Sequence, collate: Callable[[list], dict], micro_batch_size: int,
+                 accum: int, seed: int):
+        if len(examples) == 0:
+            raise ValueError("no examples to train on")
+        self.examples, self.collate, self.bs, self.accum, self.seed = examples, collate, micro_batch_size, accum, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.examples), generator=g).tolist(), epoch
+        return self._perm
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        n = len(self.examples)
+        first = (step * self.accum + micro) * self.bs
+        return [self._order((first + i) // n)[(first + i) % n] for i in range(self.bs)]
+
+    def __call__(self, step: int, micro: int) -> dict:
+        idx = self.indices(step, micro)
+        batch = self.collate([self.examples[i] for i in idx])
+        batch["index"] = torch.tensor(idx)
+        return batch
+
+    def fixed(self, n_batches: int | None = None) -> list[dict]:
+        """The examples in order (all of them when n_batches is None), for evaluation."""
+        stop = len(self.examples) if n_batches is None else min(len(self.examples), n_batches * self.bs)
+        out = []
+        for lo in range(0, stop, self.bs):
+            idx = list(range(lo, min(lo + self.bs, stop)))
+            batch = self.collate([self.examples[i] for i in idx])
+            batch["index"] = torch.tensor(idx)
+            out.append(batch)
+        return out

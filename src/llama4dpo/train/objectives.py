@@ -1,0 +1,117 @@
+"""Objectives turn a batch into a loss. The one training loop (trainer.py) serves all of them.
+
+Each objective returns SUMS over its units (tokens for language modelling, pairs for preferences) and
+the unit count, so that the loop can divide by the total over all micro-batches of a step: gradient
+accumulation over N micro-batches then equals one big batch exactly, whatever their lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DPOConfig
+from ..losses import LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, token_logps
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor        # differentiable; divided by the step's total units by the loop
+    units: int                    # tokens (LM) or pairs (preference) in this micro-batch
+    metrics: dict[str, float]     # sums over units, averaged by the loop
+
+
+class LanguageModeling:
+    """Next-token cross-entropy on positions whose label is not -100 (pretraining, and SFT where the
+    collator masks the prompt)."""
+
+    name = "lm"
+
+    def units(self, batch) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def __call__(self, model, batch) -> StepOutput:
+        logits = model(batch["input_ids"])
+        logps, mask = token_logps(logits, batch["labels"])
+        loss_sum = -logps.sum()
+        return StepOutput(loss_sum, int(mask.sum()), {"loss": loss_sum.item()})
+
+
+class Preference:
+    """DPO and its relatives on the concatenated [chosen; rejected] batch: one policy forward, one
+    reference forward (or a lookup of precomputed reference log-probs)."""
+
+    name = "preference"
+
+    def __init__(self, cfg: DPOConfig, reference=None, reference_logps=None):
+        self.cfg = cfg
+        self.reference = reference              # a frozen model, or None
+        self.reference_logps = reference_logps  # (sums, counts) tensors indexed by example, or None
+        needs_ref = cfg.loss_type not in REFERENCE_FREE
+        if needs_ref and reference is None and reference_logps is None:
+            raise ValueError(f"loss_type {cfg.loss_type!r} needs a reference model or precomputed log-probs")
+
+    def units(self, batch) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cfg.loss_type in REFERENCE_FREE:
+            return None
+        if self.reference_logps is not None:
+            sums, counts = self.reference_logps
+            idx = batch["index"]
+            idx = torch.cat([idx, idx])  # chosen rows then rejected rows
+            which = torch.cat([torch.zeros_like(batch["index"]), torch.ones_like(batch["index"])])
+            return sums[idx, which].to(batch["input_ids"].device), counts[idx, which].to(batch["input_ids"].device)
+        with torch.no_grad():
+            # NOTE: the reference runs before the policy (measured ~10% faster on TRL's side: the policy's
+            # activations are not yet held while the reference allocates).
+            return sequence_logps(self.reference(batch["input_ids"]), batch["labels"])
+
+    def __call__(self, model, batch) -> StepOutput:
+        ref = self._reference(batch)
+        logits = model(batch["input_ids"])
+        logps, n_tokens = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+        B = logps.shape[0] // 2
+        average = self.cfg.loss_type in LENGTH_NORMALISED
+        policy = logps / n_tokens.clamp(min=1) if average else logps
+        reference = (None, None)
+        if ref is not None:
+            ref_sums, ref_counts = ref
+            ref_logps = ref_sums / ref_counts.clamp(min=1) if average else ref_sums
+            reference = (ref_logps[:B], ref_logps[B:])
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy[:B], policy[B:], *reference, loss_type=self.cfg.loss_type, beta=self.cfg.beta,
+            label_smoothing=self.cfg.label_smoothing, gamma=self.cfg.gamma)
+        loss_sum = losses.sum()
+        if self.cfg.sft_weight > 0:  # RPO (Pang et al. 2024): + alpha * NLL of the chosen response per token
+            loss_sum = loss_sum + self.cfg.sft_weight * (-logps[:B] / n_tokens[:B].clamp(min=1)).sum()
+        lengths = n_tokens.float()
+        metrics = {
+            "loss": loss_sum.item(),
+            "rewards/chosen": chosen_rewards.sum().item(),
+            "rewards/rejected": rejected_rewards.sum().item(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),  # strict >, as TRL
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
+            "logps/chosen": logps[:B].detach().sum().item(),
+            "logps/rejected": logps[B:].detach().sum().item(),
+            "length/chosen": lengths[:B].sum().item(),
+            "length/rejected": lengths[B:].sum().item(),
+        }
+        return StepOutput(loss_sum, B, metrics)
+
+
+@torch.no_grad()
+def precompute_reference_logps(reference, batches, n_examples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference (summed log-prob, token count) for every example's chosen (col 0) and rejected (col 1)
+    response, from an iterable of collated batches carrying `index`."""
+    sums = torch.zeros(n_examples, 2, dtype=torch.float32)
+    counts = torch.zeros(n_examples, 2, dtype=torch.long)
+    for batch in batches:
+        s, c = sequence_logps(reference(batch["input_ids"].to(device)), batch["labels"].to(device))
+        B = s.shape[0] // 2
+        idx = batch["index"]
+        sums[idx, 0], sums[idx, 1] = s[:B].float().cpu(), s[B:].float().cpu()
+        counts[idx, 0], counts[idx, 1] = c[:B].cpu(), c[B:].cpu()
+    return sums, counts

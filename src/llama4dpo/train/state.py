@@ -1,0 +1,60 @@
+"""Training checkpoints: a model checkpoint plus optimizer, RNG and loop state, written atomically.
+
+    RUN_DIR/checkpoints/step-0000100/
+        config.json  model.safetensors  tokenizer.json     <- a loadable model checkpoint
+        optimizer.pt                                        <- optimizer state + RNG (tensors only)
+        trainer_state.json                                  <- step, metric window, schedule position
+
+optimizer.pt is read with `torch.load(weights_only=True)`: only tensors and plain containers are
+accepted, so a planted pickle cannot run code. The last `keep_last` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_dir, load_weights, write_model_files, WEIGHTS
+from ..errors import UserError
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted writes are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_training_checkpoint(run_dir: Path, step: int, model, optimizer, cfg, tokenizer, loop_state: dict,
+                             keep_last: int) -> Path:
+    final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    with atomic_dir(final) as tmp:
+        write_model_files(tmp, model, cfg, tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG in place; return the loop state (with `step`)."""
+    path = Path(path)
+    load_weights(model, path / WEIGHTS)
+    try:
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot load training state ({first})") from None
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng_cpu"])
+    return state

@@ -1,0 +1,190 @@
+"""The training loop: one loop for pretraining, SFT and preference optimisation.
+
+Per optimizer step: fetch the step's micro-batches (a pure function of the step), run the objective
+under autocast, divide the summed loss by the step's total units (tokens or pairs), accumulate, clip,
+step AdamW on a warmup + cosine schedule. Evaluate and checkpoint on their cadences. Stop with a
+clear message on a non-finite loss or gradient, leaving the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, TrainConfig
+from ..errors import UserError
+from .metrics import MetricsLog, truncate_metrics
+from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
+
+
+class TrainingDiverged(UserError):
+    """Loss or gradient norm became NaN/inf."""
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / (t.warmup_steps + 1)
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    min_lr = t.lr * t.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (t.lr - min_lr)
+
+
+def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; matrices (and expert tensors) decay, norms and biases do not (nanoGPT's split by rank)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(t: TrainConfig, device: torch.device):
+    if t.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "index" else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model, objective, train_batches, eval_batches: list[dict] | None,
+                 run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True):
+        self.cfg, self.t = cfg, cfg.train
+        self.model, self.objective, self.tokenizer = model, objective, tokenizer
+        self.train_batches, self.eval_batches = train_batches, eval_batches or []
+        self.run_dir, self.device, self.show_progress = Path(run_dir), device, show_progress
+        self.optimizer = make_optimizer(model, self.t, device)
+        self.step = 0
+        self.window: dict[str, float] = {}  # metric sums since the last train row
+
+    # ---- state -------------------------------------------------------------------------------------
+    def resume(self, checkpoint: Path) -> None:
+        state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
+        self.step, self.window = state["step"], state.get("window", {})
+        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        print(f"resumed from {checkpoint} at step {self.step}")
+
+    def latest_checkpoint(self) -> Path | None:
+        found = checkpoint_dirs(self.run_dir)
+        return found[-1] if found else None
+
+    def save(self) -> Path:
+        return save_training_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.cfg,
+                                        self.tokenizer, {"window": self.window}, self.t.keep_last)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        t, model = self.t, self.model
+        model.train()
+        lr = lr_at(self.step, t)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro = [self.train_batches(self.step, m) for m in range(t.grad_accum_steps)]
+        total = max(1, sum(self.objective.units(b) for b in micro))
+        sums: dict[str, float] = {}
+        tokens = 0
+        for batch in micro:
+            batch = to_device(batch, self.device)
+            with autocast(t, self.device):
+                out = self.objective(model, batch)
+                loss = out.loss_sum / total
+                aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+                if aux is not None:
+                    loss = loss + aux / len(micro)
+                    sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.item() * total / len(micro)
+            loss.backward()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            for layer, counts in model.expert_load().items():
+                key = f"expert_load/layer_{layer}"
+                sums[key] = [a + b for a, b in zip(sums.get(key, [0] * len(counts)), counts)]
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        mean_loss = sums["loss"] / total
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = [b["index"].tolist() for b in micro if "index" in b]
+            last = self.latest_checkpoint()
+            raise TrainingDiverged(
+                f"non-finite {'loss' if not math.isfinite(mean_loss) else 'gradient norm'} at step {self.step + 1}"
+                + (f" (examples {sum(where, [])[:16]})" if where else "")
+                + f"; stopped without updating. Last good checkpoint: {last or 'none'}. Try a lower train.lr.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"units": total, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, **sums}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        sums: dict[str, float] = {}
+        units = 0
+        for batch in self.eval_batches:
+            batch = to_device(batch, self.device)
+            with autocast(self.t, self.device):
+                out = self.objective(self.model, batch)
+            units += out.units
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def fit(self, *, log: MetricsLog | None = None) -> None:
+        t = self.t
+        log = log or MetricsLog(self.run_dir / "metrics.jsonl", t.max_steps, self.step,
+                                enabled=self.show_progress, desc=self.objective.name,
+                                tensorboard_dir=self.run_dir / "tb" if t.tensorboard else None)
+        clock, window_tokens = time.perf_counter(), 0
+        try:
+            if self.step == 0 and self.eval_batches:
+                log.write({"step": 0, **self.evaluate()})
+            while self.step < t.max_steps:
+                out = self.train_step()
+                window_tokens += out.pop("tokens")
+                for k, v in out.items():
+                    if isinstance(v, list):
+                        self.window[k] = [a + b for a, b in zip(self.window.get(k, [0] * len(v)), v)]
+                    elif k in ("lr", "grad_norm"):
+                        self.window[k] = v  # last value, not a sum
+                    else:
+                        self.window[k] = self.window.get(k, 0.0) + v
+                row = None
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    row = self._train_row(window_tokens / (time.perf_counter() - clock))
+                    log.write(row)
+                    clock, window_tokens = time.perf_counter(), 0
+                if self.eval_batches and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    row = {"step": self.step, **self.evaluate()}
+                    log.write(row)
+                if self.step % t.save_every == 0 or self.step == t.max_steps:
+                    self.save()
+                log.progress(self.step, row)
+        finally:
+            log.close()
+
+    def _train_row(self, tokens_per_s: float) -> dict:
+        w, self.window = self.window, {}
+        units = w.pop("units")
+        row = {"step": self.step, "lr": w.pop("lr"), "grad_norm": w.pop("grad_norm")}
+        for k, v in w.items():
+            if isinstance(v, list):
+                total = sum(v) or 1
+                row[k] = [round(c / total, 4) for c in v]
+            else:
+                row[k] = v / units
+        row["tokens_per_s"] = round(tokens_per_s, 1)
+        return row
