@@ -127,14 +127,13 @@ def _read_csv(path: Path, source: str, limit: int) -> list:
     with open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, restval=None)
         try:
-            reader.fieldnames  # reads the header
-            start = reader.line_num + 1
             for rec in reader:
                 if len(rows) >= limit:
                     break
                 rec.pop(None, None)  # cells beyond the header
-                rows.append((start, rec))
-                start = reader.line_num + 1  # a quoted field may span several lines
+                # line_num is the record's last line; quoted fields may span lines, blank lines are skipped
+                newlines = sum(v.count("\n") for v in rec.values() if isinstance(v, str))
+                rows.append((reader.line_num - newlines, rec))
         except (csv.Error, UnicodeDecodeError) as e:
             raise UserError(f"data file {source} line {reader.line_num}: not valid CSV ({_first_line(e)})") from None
     return rows
@@ -163,6 +162,36 @@ def _read_hub(name: str, split: str, limit: int) -> list:
     if limit < len(ds):
         ds = ds.select(range(limit))
     return list(enumerate(ds))
+
+
+def write_records(records: list[dict], path: str | Path) -> Path:
+    """Write records in the container named by `path`'s suffix (the inverse of `read_records`). In CSV,
+    list and dict values (message lists) are stored as JSON strings, which the conversational format reads."""
+    path = Path(path)
+    kind = file_kind(str(path))
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with opener(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(records), f)
+    elif kind in ("jsonl", "json"):
+        with opener(path, "wt", encoding="utf-8") as f:
+            if kind == "json":
+                json.dump(records, f, ensure_ascii=False)
+            else:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    elif kind == "csv":
+        fields = list(dict.fromkeys(k for r in records for k in r))
+        with opener(path, "wt", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()}
+                             for r in records)
+    else:
+        raise UserError(f"cannot write records to {path}: use .jsonl, .json, .csv or .parquet (optionally .gz)")
+    return path
 
 
 def _first_line(e: BaseException) -> str:

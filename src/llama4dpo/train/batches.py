@@ -8,27 +8,20 @@ from typing import Callable, Sequence
 import torch
 
 
-class WindowBatches:
-    """Random windows of a token stream for pretraining (nanoGPT's get_batch, made step-deterministic)."""
+class StreamBatches:
+    """Random windows of a token stream (pretraining); the generator is seeded from (seed, step, micro)."""
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, micro_batch_size: int, seed: int):
-        if len(tokens) <= block_size + 1:
-            raise ValueError(f"token stream of {len(tokens)} tokens is shorter than block_size + 2")
-        self.tokens, self.block, self.bs, self.seed = tokens, block_size, micro_batch_size, seed
+    def __init__(self, stream, micro_batch_size: int, seed: int):
+        self.stream, self.bs, self.seed = stream, micro_batch_size, seed
 
     def __call__(self, step: int, micro: int) -> dict:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + micro)
-        starts = torch.randint(0, len(self.tokens) - self.block - 1, (self.bs,), generator=g)
-        x = torch.stack([self.tokens[s:s + self.block + 1] for s in starts.tolist()])  # (B, block+1)
-        return {"input_ids": x, "labels": x}
+        return self.stream.get_batch(self.bs, g)
 
     def fixed(self, n_batches: int) -> list[dict]:
-        """Evaluation batches: evenly spaced, non-random windows."""
-        n = n_batches * self.bs
-        span = len(self.tokens) - self.block - 1
-        starts = [int(i * span / max(n, 1)) for i in range(n)]
-        x = torch.stack([self.tokens[s:s + self.block + 1] for s in starts])
-        return [{"input_ids": b, "labels": b} for b in x.split(self.bs)]
+        """Evaluation batches: the same windows every time (a generator with a fixed seed)."""
+        g = torch.Generator().manual_seed(self.seed + 17)
+        return [self.stream.get_batch(self.bs, g) for _ in range(n_batches)]
 
 
 class ExampleBatches:

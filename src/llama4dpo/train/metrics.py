@@ -18,12 +18,12 @@ TIMING_KEYS = {"tokens_per_s", "elapsed_s"}  # the only fields that differ betwe
 
 
 class MetricsLog:
-    def __init__(self, path: Path, total_steps: int, start_step: int, *, enabled: bool = True,
+    def __init__(self, path: Path | None, total_steps: int, start_step: int, *, show: bool = True,
                  tensorboard_dir: Path | None = None, desc: str = "train"):
-        self.path, self.enabled = path, enabled
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, disable=not enabled)
+        self.path = path  # None: write nothing (e.g. every rank but 0)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, disable=not show)
         self.tb = None
-        if enabled and tensorboard_dir is not None:
+        if path is not None and tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(tensorboard_dir))
@@ -31,7 +31,7 @@ class MetricsLog:
                 print("note: tensorboard is not installed; metrics go to metrics.jsonl only")
 
     def write(self, row: dict) -> None:
-        if not self.enabled:
+        if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

@@ -61,9 +61,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, model, objective, train_batches, eval_batches: list[dict] | None,
-                 run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True):
+                 run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True,
+                 eval_objective=None):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
+        self.eval_objective = eval_objective or objective  # differs only when reference log-probs are cached
         self.train_batches, self.eval_batches = train_batches, eval_batches or []
         self.run_dir, self.device, self.show_progress = Path(run_dir), device, show_progress
         self.optimizer = make_optimizer(model, self.t, device)
@@ -136,7 +138,7 @@ class Trainer:
         for batch in self.eval_batches:
             batch = to_device(batch, self.device)
             with autocast(self.t, self.device):
-                out = self.objective(self.model, batch)
+                out = self.eval_objective(self.model, batch)
             units += out.units
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -146,7 +148,7 @@ class Trainer:
     def fit(self, *, log: MetricsLog | None = None) -> None:
         t = self.t
         log = log or MetricsLog(self.run_dir / "metrics.jsonl", t.max_steps, self.step,
-                                enabled=self.show_progress, desc=self.objective.name,
+                                show=self.show_progress, desc=self.objective.name,
                                 tensorboard_dir=self.run_dir / "tb" if t.tensorboard else None)
         clock, window_tokens = time.perf_counter(), 0
         try:

@@ -1,0 +1,131 @@
+"""Preference (and SFT) data: source -> checked texts -> train/eval split -> tokenised `datasets.Dataset`s.
+
+    data = load_preference_data("hh.jsonl", cfg.data, tokenizer)
+    print(data.report.summary())                   # counts of skipped records by reason, truncation
+    batch = collate_preference([data.train[i] for i in idx], tokenizer.pad_id)
+
+`data.train` and `data.eval` are `datasets.Dataset`s with the columns prompt_ids, chosen_ids and
+rejected_ids (lists of ints, see `prepare.py`); `data.train[i]` is a dict the collators accept. SFT uses
+the same data: prompt + chosen (`collate_sft`).
+
+The eval split is deterministic: whole prompts are held out (no prompt is in both splits, even when a
+data set has several pairs per prompt), picked by a hash of (seed, prompt text) until
+`eval_samples` (or `eval_fraction` of the pairs) is reached. `builtin:NAME` sources bring their own
+split: the task's training pairs, and pairs on its held-out prompts for eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import UserError
+from .builtin import get_task
+from .formats import detect_format, extract_pair
+from .prepare import FLAG_COLUMNS, column, tokenize_pairs
+from .report import DataReport, Skip
+from .sources import RawRecords, builtin_name, read_records
+
+
+@dataclass
+class PreferenceData:
+    train: "datasets.Dataset"  # noqa: F821  columns prompt_ids, chosen_ids, rejected_ids
+    eval: "datasets.Dataset"  # noqa: F821
+    report: DataReport
+    eval_prompts: list[str]                               # held-out prompt texts, for generation
+    score: Callable[[str, str], float] | None = None      # a builtin task's ground-truth reward
+
+
+def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
+               raw: RawRecords | None = None) -> tuple[dict, DataReport]:
+    """Checked texts of every good record: {"prompt", "chosen", "rejected", "loc", "is_eval": [...]}.
+    Bad records are counted in the report (or raise in strict mode). `raw`: records already read."""
+    strict = cfg.strict if strict is None else strict
+    name = builtin_name(source)
+    if name is not None:
+        return _builtin_pairs(source, name, cfg, strict)
+    raw = raw if raw is not None else read_records(source, split=cfg.split, max_samples=cfg.max_samples)
+    fmt = detect_format(raw, cfg.format)
+    report = DataReport(source, fmt, unit=raw.unit, strict=strict, records=len(raw.rows))
+    cols: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "loc": []}
+    for loc, rec in raw.rows:
+        try:
+            if isinstance(rec, Skip):
+                raise rec
+            prompt, chosen, rejected = extract_pair(rec, fmt)
+        except Skip as s:
+            report.skip(s.reason, loc, s.detail)
+            continue
+        for key, value in zip(cols, (prompt, chosen, rejected, loc)):
+            cols[key].append(value)
+    n = len(cols["prompt"])
+    n_eval = cfg.eval_samples if cfg.eval_samples is not None else round(cfg.eval_fraction * n)
+    cols["is_eval"] = split_by_prompt(cols["prompt"], n_eval, cfg.seed)
+    return cols, report
+
+
+def _builtin_pairs(source: str, name: str, cfg: DataConfig, strict: bool) -> tuple[dict, DataReport]:
+    task = get_task(name, cfg.seed, cfg.builtin_size)
+    pairs = task.pairs[:cfg.max_samples] + task.heldout_pairs
+    report = DataReport(source, "builtin", unit="record", strict=strict, records=len(pairs))
+    cols = {key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected")}
+    cols["loc"] = list(range(len(pairs)))
+    cols["is_eval"] = [i >= len(pairs) - len(task.heldout_pairs) for i in range(len(pairs))]
+    return cols, report
+
+
+def split_by_prompt(prompts: list[str], n_eval: int, seed: int) -> list[bool]:
+    """Mark whole prompts as eval, in the order of a seeded hash of their text, while they fit in n_eval
+    pairs (exactly n_eval unless prompts with several pairs get in the way); at least one prompt always
+    stays in training."""
+    counts = Counter(prompts)
+    order = sorted(counts, key=lambda p: hashlib.blake2b(f"{seed}\0{p}".encode(), digest_size=8).digest())
+    held, total = set(), 0
+    for p in order[:-1]:
+        if total + counts[p] <= n_eval:
+            held.add(p)
+            total += counts[p]
+        if total >= n_eval:
+            break
+    return [p in held for p in prompts]
+
+
+def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: bool | None = None) -> PreferenceData:
+    """Read, check, split and tokenise a preference source (a file, a hub name or `builtin:NAME`).
+    Raises a one-line UserError when the source is unusable or no good pair is left."""
+    import datasets
+
+    cols, report = read_pairs(source, cfg, strict=strict)
+    if not cols["prompt"]:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
+        raise UserError(f"{source}: no usable preference pairs in {report.records} records ({skipped or 'empty'})")
+    ds = tokenize_pairs(datasets.Dataset.from_dict(cols), tokenizer, cfg.max_length, cfg.max_prompt_length,
+                        cfg.num_proc)
+    too_long, is_eval = column(ds, "prompt_too_long"), column(ds, "is_eval")
+    for loc in column(ds, "loc")[too_long]:
+        report.skip("prompt_too_long", int(loc), f"the prompt alone is longer than max_length={cfg.max_length}")
+    keep = ~too_long
+    report.max_length, report.max_prompt_length = cfg.max_length, cfg.max_prompt_length
+    report.truncated_prompts = int(column(ds, "prompt_truncated")[keep].sum())
+    report.truncated_chosen = int(column(ds, "chosen_truncated")[keep].sum())
+    report.truncated_rejected = int(column(ds, "rejected_truncated")[keep].sum())
+    ds = ds.remove_columns(list(FLAG_COLUMNS) + ["loc", "is_eval"])
+    train_rows, eval_rows = np.flatnonzero(keep & ~is_eval), np.flatnonzero(keep & is_eval)
+    if len(train_rows) == 0:
+        raise UserError(f"{source}: no training pairs left after removing {int(too_long.sum())} prompts longer "
+                        f"than max_length={cfg.max_length}")
+    report.n_train, report.n_eval = len(train_rows), len(eval_rows)
+    name = builtin_name(source)
+    task = get_task(name, cfg.seed, cfg.builtin_size) if name is not None else None
+    eval_prompts = task.heldout_prompts if task else list(dict.fromkeys(cols["prompt"][i] for i in eval_rows))
+    return PreferenceData(train=_select(ds, train_rows), eval=_select(ds, eval_rows), report=report,
+                          eval_prompts=eval_prompts, score=task.score if task else None)
+
+
+def _select(ds, rows: np.ndarray):
+    return ds if len(rows) == len(ds) else ds.select(rows.tolist())

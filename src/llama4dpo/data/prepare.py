@@ -1,0 +1,85 @@
+"""Tokenisation and truncation of preference pairs.
+
+A prepared example is three id lists:
+
+    prompt_ids   = [bos] + encode(prompt)
+    chosen_ids   = encode(chosen) + [eos]
+    rejected_ids = encode(rejected) + [eos]
+
+Prompt and responses are encoded separately, so a BPE merge never crosses the boundary and a response's
+tokens are the same whatever the prompt. Each sequence prompt_ids + response_ids has exactly one bos
+(first) and one eos (last, unless the response was cut; see `truncate_pair`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+FLAG_COLUMNS = ("prompt_too_long", "prompt_truncated", "chosen_truncated", "rejected_truncated")
+
+
+def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+                  max_length: int, max_prompt_length: int) -> tuple[list[int], list[int], list[int]]:
+    """Make prompt + each response fit in `max_length` tokens. The policy (TRL's, with TRL's names):
+
+    1. A prompt longer than `max_prompt_length` keeps its bos and its LAST `max_prompt_length - 1`
+       tokens: the end of a prompt (the latest turn, the generation prompt) matters most.
+    2. Each response is then cut to its FIRST `max_length - len(prompt)` tokens. A cut response loses
+       its eos (as in TRL): the model is not taught to stop where the text was cut.
+
+    Since max_prompt_length < max_length, every response keeps at least one token. A prompt longer than
+    max_length before truncation is rejected earlier (reason prompt_too_long), not truncated here.
+
+    >>> truncate_pair([1, 10, 11, 12, 13], [20, 21, 2], [30, 2], max_length=5, max_prompt_length=3)
+    ([1, 12, 13], [20, 21], [30, 2])
+    """
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]
+    budget = max_length - len(prompt_ids)
+    return prompt_ids, chosen_ids[:budget], rejected_ids[:budget]
+
+
+def prepare_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
+                 max_prompt_length: int) -> dict:
+    """One pair's prepared example (no `prompt_too_long` check); `tokenize_batch` is the batched version."""
+    batch = tokenize_batch({"prompt": [prompt], "chosen": [chosen], "rejected": [rejected]},
+                           tokenizer, max_length, max_prompt_length)
+    return {k: v[0] for k, v in batch.items() if k.endswith("_ids")}
+
+
+def tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """`datasets.map(batched=True)` function: texts -> prepared ids plus the flags the report counts."""
+    prompts = tokenizer.encode_batch(batch["prompt"], bos=True)
+    chosens = tokenizer.encode_batch(batch["chosen"], eos=True)
+    rejecteds = tokenizer.encode_batch(batch["rejected"], eos=True)
+    out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids") + FLAG_COLUMNS}
+    for p, c, r in zip(prompts, chosens, rejecteds):
+        p2, c2, r2 = truncate_pair(p, c, r, max_length, max_prompt_length)
+        out["prompt_ids"].append(p2)
+        out["chosen_ids"].append(c2)
+        out["rejected_ids"].append(r2)
+        out["prompt_too_long"].append(len(p) > max_length)
+        out["prompt_truncated"].append(len(p2) < len(p))
+        out["chosen_truncated"].append(len(c2) < len(c))
+        out["rejected_truncated"].append(len(r2) < len(r))
+    return out
+
+
+def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int, num_proc: int = 1):
+    """Tokenise a `datasets.Dataset` with text columns prompt/chosen/rejected (batched, optionally in
+    `num_proc` processes). The text columns are replaced by the id columns and `FLAG_COLUMNS`."""
+    fp = getattr(tokenizer, "fingerprint", lambda: type(tokenizer).__name__)()
+    # An explicit fingerprint spares `datasets` from hashing the tokenizer object (slow for large vocabularies).
+    fingerprint = hashlib.sha256(f"{ds._fingerprint}/{fp}/{max_length}/{max_prompt_length}".encode()).hexdigest()
+    return ds.map(tokenize_batch, batched=True, batch_size=1000,
+                  num_proc=num_proc if num_proc > 1 and len(ds) >= 2000 * num_proc else None,
+                  remove_columns=["prompt", "chosen", "rejected"], new_fingerprint=fingerprint[:32],
+                  fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length),
+                  desc="tokenizing pairs")
+
+
+def column(ds, name: str) -> np.ndarray:
+    """A column of a (not index-mapped) dataset as a numpy array, without building Python lists."""
+    return ds.data.column(name).to_numpy()
