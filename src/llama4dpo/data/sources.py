@@ -170,12 +170,13 @@ def write_records(records: list[dict], path: str | Path) -> Path:
     path = Path(path)
     kind = file_kind(str(path))
     opener = gzip.open if path.suffix.lower() == ".gz" else open
+    fields = list(dict.fromkeys(k for r in records for k in r))  # every record's keys, not just the first's
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         with opener(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(records), f)
+            pq.write_table(pa.table({k: [r.get(k) for r in records] for k in fields}), f)
     elif kind in ("jsonl", "json"):
         with opener(path, "wt", encoding="utf-8") as f:
             if kind == "json":
@@ -183,7 +184,6 @@ def write_records(records: list[dict], path: str | Path) -> Path:
             else:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     elif kind == "csv":
-        fields = list(dict.fromkeys(k for r in records for k in r))
         with opener(path, "wt", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, fields)
             writer.writeheader()

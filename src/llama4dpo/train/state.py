@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import atomic_dir, load_weights, write_model_files, WEIGHTS
 from ..errors import UserError
+from ..faults import fault_point
 
 CHECKPOINTS = "checkpoints"
 
@@ -40,6 +41,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model, optimizer, cfg, to
         write_model_files(tmp, model, cfg, tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
+        fault_point("save", step)
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, TrainConfig
 from ..errors import UserError
+from ..faults import fault_point
 from .metrics import MetricsLog, truncate_metrics
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 
@@ -135,7 +136,9 @@ class Trainer:
         self.model.eval()
         sums: dict[str, float] = {}
         units = 0
-        for batch in self.eval_batches:
+        for i, batch in enumerate(self.eval_batches):
+            if i == len(self.eval_batches) // 2:
+                fault_point("eval", self.step)
             batch = to_device(batch, self.device)
             with autocast(self.t, self.device):
                 out = self.eval_objective(self.model, batch)
@@ -156,6 +159,7 @@ class Trainer:
                 log.write({"step": 0, **self.evaluate()})
             while self.step < t.max_steps:
                 out = self.train_step()
+                fault_point("step", self.step)
                 window_tokens += out.pop("tokens")
                 for k, v in out.items():
                     if isinstance(v, list):
