@@ -1,0 +1,77 @@
+"""The loop's machinery: accumulation equals one big batch, the schedule, the NaN guard, the optimizer split."""
+
+import math
+
+import pytest
+import torch
+
+from llama4dpo import Config, LlamaModel
+from llama4dpo.data import collate_sft
+from llama4dpo.train.batches import ExampleBatches
+from llama4dpo.train.objectives import LanguageModeling
+from llama4dpo.train.trainer import Trainer, TrainingDiverged, lr_at, make_optimizer
+
+CFG = ["model.vocab_size=20", "train.lr=1e-2", "train.warmup_steps=0", "train.grad_clip=0"]
+
+
+def examples(n=8):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):  # deliberately different lengths, so per-micro-batch means would be wrong
+        p = [1] + torch.randint(4, 20, (1 + i % 3,), generator=g).tolist()
+        r = torch.randint(4, 20, (1 + (i * 5) % 7,), generator=g).tolist() + [2]
+        out.append({"prompt_ids": p, "chosen_ids": r})
+    return out
+
+
+def one_step(tmp_path, accum):
+    cfg = Config.load("configs/tiny.toml", CFG + [f"train.grad_accum_steps={accum}", "train.batch_size=8"])
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 8 // accum, accum, seed=0)
+    trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    grads = {}
+    trainer.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    out = trainer.train_step()
+    return grads, out
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    big, out_big = one_step(tmp_path / "a", 1)
+    acc, out_acc = one_step(tmp_path / "b", 4)
+    assert out_big["units"] == out_acc["units"]
+    assert out_big["loss"] / out_big["units"] == pytest.approx(out_acc["loss"] / out_acc["units"], rel=1e-6)
+    assert big.keys() == acc.keys()
+    for name in big:  # the gradient of the step (Adam's first update is ~sign(g): compare g itself)
+        torch.testing.assert_close(big[name], acc[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_warmup_then_cosine():
+    t = Config.load(None, ["train.lr=1.0", "train.warmup_steps=4", "train.max_steps=14", "train.min_lr_ratio=0.1"]).train
+    assert lr_at(0, t) == pytest.approx(1 / 5) and lr_at(3, t) == pytest.approx(4 / 5)
+    assert lr_at(4, t) == pytest.approx(1.0)
+    assert lr_at(9, t) == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
+    assert lr_at(14, t) == pytest.approx(0.1)
+
+
+def test_no_decay_for_norms():
+    cfg = Config.load("configs/tiny.toml")
+    opt = make_optimizer(LlamaModel(cfg.model), cfg.train, torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_nan_guard_stops_with_message_and_leaves_weights(tmp_path):
+    cfg = Config.load("configs/tiny.toml", CFG)
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 1, seed=0)
+    trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 1 \(examples \[.*\]\).*Last good checkpoint: none"):
+        trainer.fit()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
