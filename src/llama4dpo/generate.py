@@ -1,0 +1,141 @@
+"""Text generation: prefill + KV-cache decoding, batched with left padding; greedy, temperature, top-k, top-p.
+
+A left-padded row computes exactly what it would alone: positions count real tokens only and padding
+is masked from attention (see LlamaModel.forward), so batched generation equals one-by-one generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0     # 0 -> greedy
+    top_k: int = 0               # 0 -> no top-k filter
+    top_p: float = 1.0           # 1 -> no nucleus filter
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (the text is cut before them)
+
+    def validate(self) -> "Sampling":
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al. 2020): keep the smallest set of most likely tokens whose total
+    probability reaches p; the most likely token is always kept."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    remove_sorted = before >= p
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(filter_top_k(logits.float() / s.temperature, s.top_k), s.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, pad_id: int, use_cache: bool = True,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New token ids per prompt (the eos, when produced, included). `on_token(row, id)` streams."""
+    s.validate()
+    if any(len(p) == 0 for p in prompts):
+        raise UserError("empty prompt")
+    ctx = model.cfg.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + s.max_new_tokens > ctx:
+        raise UserError(f"prompt of {longest} tokens + max_new_tokens={s.max_new_tokens} exceeds the model's "
+                        f"context of {ctx} tokens (model.max_position_embeddings); shorten the prompt or lower "
+                        f"max_new_tokens")
+    device = next(model.parameters()).device
+    B = len(prompts)
+    ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, longest), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, longest - len(p):] = torch.tensor(p, device=device)
+        mask[i, longest - len(p):] = 1
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    cache = model.new_cache(B, longest + s.max_new_tokens) if use_cache else None
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    for _ in range(s.max_new_tokens):
+        tok = next_token(logits, s, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        for i in (~done).nonzero().flatten().tolist():
+            out[i].append(int(tok[i]))
+            if on_token:
+                on_token(i, int(tok[i]))
+        done |= tok == eos_id
+        if done.all():
+            break
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if cache is not None:
+            logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1]
+        else:
+            logits = model(ids, attention_mask=mask)[:, -1]
+    return out
+
+
+def generate(model, tokenizer, prompts: list[str], s: Sampling, *, use_cache: bool = True,
+             batch_size: int = 16, stream: Callable[[str], None] | None = None) -> list[str]:
+    """Completions of prompt texts (bos is prepended; eos and text after a stop string are removed)."""
+    texts = []
+    for lo in range(0, len(prompts), batch_size):
+        chunk = [tokenizer.encode(p, bos=True) for p in prompts[lo:lo + batch_size]]
+        on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
+        for ids in generate_ids(model, chunk, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                use_cache=use_cache, on_token=on_token):
+            texts.append(cut_at_stop(tokenizer.decode(ids), s.stop))
+    return texts
+
+
+def _streamer(tokenizer, emit: Callable[[str], None]) -> Callable[[int, int], None]:
+    """Emit only the newly decoded text each token (byte-level BPE tokens can split a character)."""
+    ids, shown = [], [""]
+
+    def on_token(row: int, tok: int) -> None:
+        ids.append(tok)
+        text = tokenizer.decode(ids)
+        if text.startswith(shown[0]) and not text.endswith("\ufffd"):
+            emit(text[len(shown[0]):])
+            shown[0] = text
+    return on_token
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((text.find(x) for x in stops if x and x in text), default=-1)
+    return text if cut < 0 else text[:cut]

@@ -1,0 +1,87 @@
+"""Generation: cache == no cache, batched == one by one, seeded sampling, top-k and top-p filters."""
+
+import math
+
+import pytest
+import torch
+
+from llama4dpo import LlamaModel, ModelConfig
+from llama4dpo.errors import UserError
+from llama4dpo.generate import Sampling, filter_top_k, filter_top_p, generate_ids
+
+CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+           num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
+           attn_scale=0.5, max_position_embeddings=64)
+PROMPTS = [[1, 5, 9, 12, 7, 30, 22], [1, 17], [1, 3, 3, 8, 20, 21, 22, 23, 24, 25, 11]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A larger init scale makes the distribution peaked enough that argmax is never a near-tie.
+    return LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=0).eval()
+
+
+def gen(model, prompts, s, **kw):
+    return generate_ids(model, prompts, s, eos_id=2, pad_id=0, **kw)
+
+
+def test_greedy_with_cache_equals_without(model):
+    s = Sampling(max_new_tokens=20)  # crosses the chunk boundaries at 8 and 16 and runs NoPE layer 3
+    assert gen(model, PROMPTS, s, use_cache=True) == gen(model, PROMPTS, s, use_cache=False)
+
+
+def test_batched_left_padding_equals_one_by_one(model):
+    s = Sampling(max_new_tokens=15)
+    batched = gen(model, PROMPTS, s)
+    alone = [gen(model, [p], s)[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_seeded_sampling_is_reproducible(model):
+    s = Sampling(max_new_tokens=12, temperature=1.0, seed=7)
+    a, b = gen(model, PROMPTS, s), gen(model, PROMPTS, s)
+    assert a == b
+    assert gen(model, PROMPTS, Sampling(max_new_tokens=12, temperature=1.0, seed=8)) != a
+
+
+def test_top_k_1_equals_greedy(model):
+    greedy = gen(model, PROMPTS, Sampling(max_new_tokens=10))
+    assert gen(model, PROMPTS, Sampling(max_new_tokens=10, temperature=1.3, top_k=1, seed=3)) == greedy
+
+
+def test_top_p_on_a_hand_made_distribution():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    logits = probs.log()
+    keep = lambda p: torch.isfinite(filter_top_p(logits, p))[0].tolist()  # noqa: E731
+    assert keep(0.5) == [True, False, False, False, False]   # 0.5 alone reaches 0.5
+    assert keep(0.6) == [True, True, False, False, False]    # 0.5 + 0.2 = 0.7 >= 0.6
+    assert keep(0.85) == [True, True, True, False, False]    # 0.85 reached exactly by three
+    assert keep(0.9) == [True, True, True, True, False]
+    assert keep(1.0) == [True] * 5
+    shuffled = logits[:, [3, 0, 4, 2, 1]]                      # order does not matter
+    assert torch.isfinite(filter_top_p(shuffled, 0.6))[0].tolist() == [False, True, False, False, True]
+    # sampling only ever returns kept tokens, with renormalised probabilities
+    filtered = filter_top_p(logits, 0.6).softmax(-1)[0]
+    assert filtered[0].item() == pytest.approx(0.5 / 0.7) and filtered[2:].sum() == 0
+
+
+def test_top_k_filter():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    assert torch.isfinite(filter_top_k(logits, 2))[0].tolist() == [False, True, True, False]
+
+
+def test_stops_at_eos(model):
+    out = gen(model, PROMPTS, Sampling(max_new_tokens=30, temperature=1.0, seed=0))
+    for ids in out:
+        assert 2 not in ids[:-1]  # nothing after an eos
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model):
+    with pytest.raises(UserError, match="exceeds the model's context of 64 tokens"):
+        gen(model, [[1] * 60], Sampling(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)])
+def test_bad_sampling_settings(model, bad):
+    with pytest.raises(UserError):
+        gen(model, PROMPTS, Sampling(**bad))
