@@ -46,11 +46,10 @@ def test_deterministic_for_a_seed(task):
 
 def test_corpus_is_mediocre(task):
     """~50% preferred style and ~70% correct, so a model imitating the corpus scores ~0.6."""
-    styles = [score("", r) for _, r in task.corpus]  # no parsable question: only the style half can score
-    assert 0.45 <= statistics.mean(s > 0 for s in styles) <= 0.55
-    correct = statistics.mean(answer(p) is not None and score(p, r) in (0.5, 1.0) and score("", r) == 0
-                              or score(p, r) == 1.0 for p, r in task.corpus)
-    assert 0.65 <= correct <= 0.75
+    style = [score("", r) for _, r in task.corpus]  # no question to parse: only the style half can score
+    correct = [score(p, r) - s for (p, r), s in zip(task.corpus, style)]
+    assert 0.45 <= statistics.mean(s == 0.5 for s in style) <= 0.55
+    assert 0.65 <= statistics.mean(c == 0.5 for c in correct) <= 0.75
     assert 0.55 <= statistics.mean(score(p, r) for p, r in task.corpus) <= 0.65
 
 

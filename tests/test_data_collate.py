@@ -56,7 +56,7 @@ def test_prepare_pair_bos_eos_and_boundary():
 
 
 TOKENIZERS = {"char": CharTokenizer(list(" abcdefghijklmnopqrstuvwxyz.\n:")),
-              "bpe": BPETokenizer.train(["the cat sat on the mat. \n\nHuman: hi\n\nAssistant: ok"] * 20, vocab_size=280)}
+              "bpe": BPETokenizer.train(["the cat sat on the mat.\n\nHuman: hi\n\nAssistant: ok"] * 20, vocab_size=280)}
 
 
 @pytest.mark.parametrize("tok_name", list(TOKENIZERS))

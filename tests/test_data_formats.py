@@ -154,6 +154,14 @@ def test_max_samples_and_deterministic_split(tmp_path):
     assert sum(e["is_eval"]) == 13
 
 
+def test_json_file_holding_json_lines(tmp_path):
+    path = tmp_path / "lines.json"
+    path.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n'
+                    '{"prompt": "d", "chosen": " e", "rejected": " f"}\n')
+    cols, report = read_pairs(str(path), CFG)
+    assert triples(cols) == [("a", " b", " c"), ("d", " e", " f")] and report.unit == "line"
+
+
 def test_hub_name_offline_is_one_line_error():
     with pytest.raises(UserError) as e:
         read_pairs("no-such-user/no-such-dataset", CFG)

@@ -72,5 +72,6 @@ def test_builtin_streams_and_eval_split():
     assert len(train) + len(ev) == len(full) and len(ev) == int(0.1 * len(full))
     assert torch.equal(torch.cat([train.tokens, ev.tokens]), full.tokens)
     assert tok.unk_id not in full.tokens.tolist()
-    _, none = load_token_streams("builtin:assistant", DataConfig(block_size=32, eval_fraction=0.0, builtin_size=300), tok)
+    no_eval = DataConfig(block_size=32, eval_fraction=0.0, builtin_size=300)
+    _, none = load_token_streams("builtin:assistant", no_eval, tok)
     assert none is None

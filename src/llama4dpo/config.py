@@ -268,7 +268,7 @@ class Config:
         """Read a TOML preset (or the defaults when `path` is None) and apply dotted overrides."""
         d: dict = {}
         if path is not None:
-            path = Path(path)
+            path = resolve_preset(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             try:
@@ -294,6 +294,17 @@ class Config:
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot read config ({e})") from None
         return cls.from_dict(d, where=str(path))
+
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A file path, or the name of a shipped preset ("tiny", "demo", "llama4-100m")."""
+    path = Path(path)
+    if not path.exists() and path.parent == Path(".") and (PRESETS / f"{path.stem}.toml").is_file():
+        return PRESETS / f"{path.stem}.toml"
+    return path
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig}

@@ -3,9 +3,10 @@
 Local files: .jsonl, .json, .csv, .parquet, each optionally gzipped (.jsonl.gz, ...). JSONL and CSV are
 read here line by line, so one malformed line is a counted skip located by its 1-based line number
 (`datasets`' JSON loader would fail on the whole file, and CSV fields may span lines). JSON arrays and
-parquet are read whole and located by 0-based record index. A hub name goes to
-`datasets.load_dataset(name, split=...)` (records located by index). Everything downstream works on
-`datasets.Dataset`s built from the extracted texts.
+parquet are read whole and located by 0-based record index (a .json file holding JSON lines is read
+as JSONL). A hub name goes to `datasets.load_dataset(name, split=data.split)` (records located by
+index); `data.split` applies to hub data sets only. `data.max_samples` keeps the first records, bad
+ones included. Everything downstream works on `datasets.Dataset`s built from the extracted texts.
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Evaluation of a policy against its reference.
+
+On held-out preference pairs: reward accuracy and mean margin of the implicit DPO reward
+beta * log(pi / pi_ref), and mean chosen/rejected log-probs. On a source with a ground-truth reward
+(builtin:NAME): greedy answers of both models to held-out prompts, scored; the win rate of policy over
+reference (ties count half); and KL(policy || reference) estimated on the policy's own samples,
+mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] for y ~ pi (temperature 1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .data.chat import HUMAN
+from .generate import Sampling, generate, generate_ids
+from .losses import sequence_logps
+from .train.batches import ExampleBatches
+from .train.objectives import Preference
+
+
+@torch.no_grad()
+def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_size: int = 16) -> dict:
+    from .data import collate_preference
+
+    collate = functools.partial(collate_preference, pad_id=pad_id)
+    batches = ExampleBatches(examples, collate, batch_size, 1, 0).fixed()
+    objective = Preference(dpo_cfg, reference=reference)
+    sums, n = {}, 0
+    device = next(model.parameters()).device
+    for b in batches:
+        b = {k: v.to(device) if k != "index" else v for k, v in b.items()}
+        out = objective(model, b)
+        n += out.units
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    m = {k: v / max(n, 1) for k, v in sums.items()}
+    return {"pairs": n, "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
+            "rewards_chosen": m["rewards/chosen"], "rewards_rejected": m["rewards/rejected"],
+            "logps_chosen": m["logps/chosen"], "logps_rejected": m["logps/rejected"], "dpo_loss": m["loss"]}
+
+
+@torch.no_grad()
+def kl_on_policy_samples(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
+                         batch_size: int = 32) -> float:
+    """Monte-Carlo KL(pi || pi_ref) over whole responses sampled from pi."""
+    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    for lo in range(0, len(prompts), batch_size):
+        encoded = [tokenizer.encode(p, bos=True) for p in prompts[lo:lo + batch_size]]
+        samples = generate_ids(model, encoded, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        rows = [p + r for p, r in zip(encoded, samples)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long, device=device)
+        labels = torch.full((len(rows), T), -100, dtype=torch.long, device=device)
+        for i, (p, r) in enumerate(zip(encoded, samples)):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r, device=device)
+            labels[i, len(p):len(p) + len(r)] = torch.tensor(r, device=device)
+        lp_policy, _ = sequence_logps(model(ids), labels)
+        lp_ref, _ = sequence_logps(reference(ids), labels)
+        total += (lp_policy - lp_ref).sum().item()
+        n += len(rows)
+    return total / max(n, 1)
+
+
+def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score, max_new_tokens: int = 48,
+                         show: int = 5) -> dict:
+    greedy = Sampling(max_new_tokens=max_new_tokens, stop=[HUMAN])
+    policy = generate(model, tokenizer, prompts, greedy, batch_size=64)
+    ref = generate(reference, tokenizer, prompts, greedy, batch_size=64)
+    s_pol = [score(p, r) for p, r in zip(prompts, policy)]
+    s_ref = [score(p, r) for p, r in zip(prompts, ref)]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_pol, s_ref))
+    n = max(len(prompts), 1)
+    return {
+        "prompts": len(prompts),
+        "reward_policy": sum(s_pol) / n,
+        "reward_reference": sum(s_ref) / n,
+        "win_rate": wins / n,
+        "kl": kl_on_policy_samples(model, reference, tokenizer, prompts, max_new_tokens),
+        "examples": [{"prompt": p, "reference": r, "policy": q, "score_reference": a, "score_policy": b}
+                     for p, r, q, a, b in list(zip(prompts, ref, policy, s_ref, s_pol))[:show]],
+    }
+
+
+def format_table(results: dict) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in results.items()
+            if isinstance(v, (int, float))]
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}}  {v:>10}" for k, v in rows)
