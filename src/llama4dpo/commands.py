@@ -45,6 +45,106 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _sampling(args):
+    from .generate import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=list(args.stop or [])).validate()
+
+
+def _model_and_tokenizer(path):
+    from .checkpoint import load_model, load_tokenizer
+    from .train.recipes import resolve_checkpoint
+    from .train.trainer import resolve_device
+
+    path = resolve_checkpoint(path)
+    return load_model(path, resolve_device("auto")), load_tokenizer(path)
+
+
+def cmd_generate(args) -> int:
+    import sys
+
+    from .data.chat import HUMAN, render_prompt
+    from .generate import generate
+
+    model, tokenizer = _model_and_tokenizer(args.model)
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.prompts_file:
+        from pathlib import Path
+        prompts = [l for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
+    else:
+        prompts = [l for l in sys.stdin.read().splitlines() if l.strip()]
+    if not prompts:
+        from .errors import UserError
+        raise UserError("no prompt: pass --prompt TEXT, --prompts-file FILE, or lines on standard input")
+    s = _sampling(args)
+    if not args.raw:
+        prompts = [render_prompt([{"role": "user", "content": p}]) for p in prompts]
+        s.stop.append(HUMAN)
+    if len(prompts) == 1:
+        generate(model, tokenizer, prompts, s, stream=lambda t: print(t, end="", flush=True))
+        print()
+    else:
+        for p, text in zip(prompts, generate(model, tokenizer, prompts, s, batch_size=args.batch_size)):
+            print(f"{p.strip()}\t{text.strip()}" if args.raw else text.strip())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .repl import chat_session
+
+    model, tokenizer = _model_and_tokenizer(args.model)
+    return chat_session(model, tokenizer, input, lambda t: print(t, end="", flush=True), _sampling(args),
+                        system=args.system)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .checkpoint import load_config
+    from .data import load_preference_data
+    from .evaluate import format_table, ground_truth_metrics, preference_metrics
+    from .train.recipes import resolve_checkpoint
+
+    model, tokenizer = _model_and_tokenizer(args.model)
+    cfg = load_config(resolve_checkpoint(args.model)).with_overrides(args.overrides)
+    reference = _model_and_tokenizer(args.ref)[0] if args.ref else None
+    data = load_preference_data(args.data, cfg.data, tokenizer)
+    results: dict = {"model": str(args.model), "reference": args.ref, "data": args.data}
+    if reference is not None and len(data.eval):
+        results.update(preference_metrics(model, reference, data.eval, tokenizer.pad_id, cfg.dpo))
+    else:
+        from .evaluate import policy_logps
+        results.update(policy_logps(model, data.eval, tokenizer.pad_id))
+    if data.score is not None and reference is not None:
+        prompts = data.eval_prompts[:args.limit] if args.limit else data.eval_prompts
+        gt = ground_truth_metrics(model, reference, tokenizer, prompts, data.score, args.max_new_tokens)
+        results.update(gt)
+    print(format_table(results))
+    if args.out:
+        from pathlib import Path
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.overrides, quick=args.quick)
+    return 0
+
+
+def _sampling_args(s: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def _training_args(s: argparse.ArgumentParser, *, init: bool) -> None:
     s.add_argument("--config", help="TOML preset, e.g. configs/tiny.toml (defaults apply without one)")
     s.add_argument("--data", required=True, help="a .jsonl/.json/.parquet/.csv(.gz) or .txt file, a hub dataset "
@@ -72,6 +172,37 @@ def add_commands(sub) -> None:
     _training_args(s, init=True)
     s.add_argument("--ref", help="reference checkpoint (default: the --init checkpoint)")
     s.set_defaults(func=cmd_dpo)
+
+    s = sub.add_parser("generate", help="complete prompts (KV cache; greedy or sampled)")
+    s.add_argument("--model", required=True, help="checkpoint or run directory")
+    s.add_argument("--prompt", help="one prompt (else --prompts-file, else one prompt per line on stdin)")
+    s.add_argument("--prompts-file")
+    s.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    s.add_argument("--batch-size", type=int, default=16)
+    _sampling_args(s)
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat")
+    s.add_argument("--model", required=True)
+    s.add_argument("--system", help="system message")
+    _sampling_args(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("eval", help="reward accuracy on held-out pairs; ground-truth reward, win rate, KL")
+    s.add_argument("--model", required=True)
+    s.add_argument("--ref", help="reference checkpoint (needed for implicit rewards, win rate and KL)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", help="write the results as JSON")
+    s.add_argument("--limit", type=int, help="at most this many held-out prompts for generation")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("demo", help="the whole pipeline on the built-in task, in minutes on a CPU")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value")
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     s.add_argument("run_dir")

@@ -275,14 +275,10 @@ class Config:
                 d = tomllib.loads(path.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        for item in overrides:
-            key, value = parse_override(item)
-            section, _, name = key.partition(".")
-            d.setdefault(section, {})
-            if not isinstance(d[section], dict):
-                raise ConfigError(f"override {item!r}: {section!r} is not a section")
-            d[section][name] = _RAW(value)  # parsed against the field's type below
-        return cls.from_dict(d, where=str(path) if path else "config")
+        return cls.from_dict(_with_overrides(d, overrides), where=str(path) if path else "config")
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        return Config.from_dict(_with_overrides(self.to_dict(), overrides)) if overrides else self
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -312,6 +308,17 @@ _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig
 
 class _RAW(str):
     """A value typed on the command line: parsed against the target field's type."""
+
+
+def _with_overrides(d: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        d.setdefault(section, {})
+        if not isinstance(d[section], dict):
+            raise ConfigError(f"override {item!r}: {section!r} is not a section")
+        d[section][name] = _RAW(value)  # parsed against the field's type in from_dict
+    return d
 
 
 def parse_override(item: str) -> tuple[str, str]:

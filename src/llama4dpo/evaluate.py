@@ -2,8 +2,8 @@
 
 On held-out preference pairs: reward accuracy and mean margin of the implicit DPO reward
 beta * log(pi / pi_ref), and mean chosen/rejected log-probs. On a source with a ground-truth reward
-(builtin:NAME): greedy answers of both models to held-out prompts, scored; the win rate of policy over
-reference (ties count half); and KL(policy || reference) estimated on the policy's own samples,
+(builtin:NAME): answers of both models to held-out prompts, sampled at temperature 1 and scored (the
+expected reward); the win rate of policy over reference (ties count half); and KL(policy || reference) estimated on the policy's own samples,
 mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] for y ~ pi (temperature 1).
 """
 
@@ -42,6 +42,24 @@ def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_s
 
 
 @torch.no_grad()
+def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
+    """Without a reference: mean summed log-probs of chosen and rejected responses, and how often the
+    policy already prefers the chosen one."""
+    from .data import collate_preference
+
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for b in ExampleBatches(examples, functools.partial(collate_preference, pad_id=pad_id), batch_size, 1, 0).fixed():
+        lp, _ = sequence_logps(model(b["input_ids"].to(device)), b["labels"].to(device))
+        B = lp.shape[0] // 2
+        chosen += lp[:B].tolist()
+        rejected += lp[B:].tolist()
+    n = max(len(chosen), 1)
+    return {"pairs": len(chosen), "logps_chosen": sum(chosen) / n, "logps_rejected": sum(rejected) / n,
+            "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n}
+
+
+@torch.no_grad()
 def kl_on_policy_samples(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
                          batch_size: int = 32) -> float:
     """Monte-Carlo KL(pi || pi_ref) over whole responses sampled from pi."""
@@ -66,22 +84,27 @@ def kl_on_policy_samples(model, reference, tokenizer, prompts: list[str], max_ne
 
 
 def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score, max_new_tokens: int = 48,
-                         show: int = 5) -> dict:
-    greedy = Sampling(max_new_tokens=max_new_tokens, stop=[HUMAN])
-    policy = generate(model, tokenizer, prompts, greedy, batch_size=64)
-    ref = generate(reference, tokenizer, prompts, greedy, batch_size=64)
-    s_pol = [score(p, r) for p, r in zip(prompts, policy)]
-    s_ref = [score(p, r) for p, r in zip(prompts, ref)]
+                         samples: int = 4, seed: int = 0, show: int = 5) -> dict:
+    """Expected ground-truth reward of each model's answers, E_{y ~ pi}[r(x, y)] (the quantity RLHF and
+    DPO maximise), estimated with `samples` answers per held-out prompt at temperature 1; the win rate
+    compares the i-th sample of the policy with the i-th of the reference (ties count half)."""
+    s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop=[HUMAN])
+    many = [p for p in prompts for _ in range(samples)]
+    policy = generate(model, tokenizer, many, s, batch_size=128)
+    ref = generate(reference, tokenizer, many, s, batch_size=128)
+    s_pol = [score(p, r) for p, r in zip(many, policy)]
+    s_ref = [score(p, r) for p, r in zip(many, ref)]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_pol, s_ref))
-    n = max(len(prompts), 1)
+    n = max(len(many), 1)
     return {
         "prompts": len(prompts),
+        "samples_per_prompt": samples,
         "reward_policy": sum(s_pol) / n,
         "reward_reference": sum(s_ref) / n,
         "win_rate": wins / n,
-        "kl": kl_on_policy_samples(model, reference, tokenizer, prompts, max_new_tokens),
+        "kl": kl_on_policy_samples(model, reference, tokenizer, prompts, max_new_tokens, seed=seed),
         "examples": [{"prompt": p, "reference": r, "policy": q, "score_reference": a, "score_policy": b}
-                     for p, r, q, a, b in list(zip(prompts, ref, policy, s_ref, s_pol))[:show]],
+                     for p, r, q, a, b in list(zip(many, ref, policy, s_ref, s_pol))[:show * samples:samples]],
     }
 
 

@@ -42,13 +42,13 @@ class PreferenceData:
 
 
 def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
-               raw: RawRecords | None = None) -> tuple[dict, DataReport]:
+               raw: RawRecords | None = None, sft: bool = False) -> tuple[dict, DataReport]:
     """Checked texts of every good record: {"prompt", "chosen", "rejected", "loc", "is_eval": [...]}.
     Bad records are counted in the report (or raise in strict mode). `raw`: records already read."""
     strict = cfg.strict if strict is None else strict
     name = builtin_name(source)
     if name is not None:
-        return _builtin_pairs(source, name, cfg, strict)
+        return _builtin_pairs(source, name, cfg, strict, sft)
     raw = raw if raw is not None else read_records(source, split=cfg.split, max_samples=cfg.max_samples)
     fmt = detect_format(raw, cfg.format)
     report = DataReport(source, fmt, unit=raw.unit, strict=strict, records=len(raw.rows))
@@ -69,9 +69,15 @@ def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
     return cols, report
 
 
-def _builtin_pairs(source: str, name: str, cfg: DataConfig, strict: bool) -> tuple[dict, DataReport]:
+def _builtin_pairs(source: str, name: str, cfg: DataConfig, strict: bool, sft: bool) -> tuple[dict, DataReport]:
     task = get_task(name, cfg.seed, cfg.builtin_size)
-    pairs = task.pairs[:cfg.max_samples] + task.heldout_pairs
+    if sft:
+        # SFT demonstrations are the task's mixed-quality corpus (a), so the SFT model is the mediocre
+        # reference that DPO improves on; its eval split scores the ideal answers on held-out prompts.
+        train = [{"prompt": p, "chosen": r, "rejected": r} for p, r in task.corpus[:cfg.max_samples]]
+    else:
+        train = task.pairs[:cfg.max_samples]
+    pairs = train + task.heldout_pairs
     report = DataReport(source, "builtin", unit="record", strict=strict, records=len(pairs))
     cols = {key: [p[key] for p in pairs] for key in ("prompt", "chosen", "rejected")}
     cols["loc"] = list(range(len(pairs)))
@@ -95,12 +101,14 @@ def split_by_prompt(prompts: list[str], n_eval: int, seed: int) -> list[bool]:
     return [p in held for p in prompts]
 
 
-def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: bool | None = None) -> PreferenceData:
+def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: bool | None = None,
+                         sft: bool = False) -> PreferenceData:
     """Read, check, split and tokenise a preference source (a file, a hub name or `builtin:NAME`).
-    Raises a one-line UserError when the source is unusable or no good pair is left."""
+    Raises a one-line UserError when the source is unusable or no good pair is left. With `sft`, a
+    builtin task gives its demonstrations instead of its pairs (files: SFT uses prompt + chosen)."""
     import datasets
 
-    cols, report = read_pairs(source, cfg, strict=strict)
+    cols, report = read_pairs(source, cfg, strict=strict, sft=sft)
     if not cols["prompt"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
         raise UserError(f"{source}: no usable preference pairs in {report.records} records ({skipped or 'empty'})")

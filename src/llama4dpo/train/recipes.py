@@ -88,10 +88,13 @@ def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
     return init, cfg, load_tokenizer(init)
 
 
-def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool):
+def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, sft: bool = False):
     from ..data import load_preference_data
 
-    pdata = load_preference_data(data, cfg.data, tokenizer)
+    if not show:
+        import datasets
+        datasets.disable_progress_bars()
+    pdata = load_preference_data(data, cfg.data, tokenizer, sft=sft)
     summary = pdata.report.summary()
     (out / "data_report.txt").write_text(summary + "\n", encoding="utf-8")
     if show:
@@ -107,7 +110,7 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
     init, cfg, tokenizer = _init_from(cfg, init)
     resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume)
     tokenizer.save(out / "tokenizer.json")
-    pdata = _preference_data(cfg, data, out, tokenizer, show)
+    pdata = _preference_data(cfg, data, out, tokenizer, show, sft=True)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
