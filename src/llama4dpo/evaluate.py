@@ -103,9 +103,14 @@ def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score,
         "reward_reference": sum(s_ref) / n,
         "win_rate": wins / n,
         "kl": kl_on_policy_samples(model, reference, tokenizer, prompts, max_new_tokens, seed=seed),
-        "examples": [{"prompt": p, "reference": r, "policy": q, "score_reference": a, "score_policy": b}
-                     for p, r, q, a, b in list(zip(many, ref, policy, s_ref, s_pol))[:show * samples:samples]],
+        "examples": [{"prompt": many[i], "reference": ref[i], "policy": policy[i], "score_reference": s_ref[i],
+                      "score_policy": s_pol[i]} for i in _spread(len(prompts), show, samples)],
     }
+
+
+def _spread(n: int, k: int, stride: int) -> list[int]:
+    """First sample of k prompts spread evenly over n (the held-out prompts are grouped by skill)."""
+    return [(i * n // k) * stride for i in range(min(k, n))]
 
 
 def format_table(results: dict) -> str:
