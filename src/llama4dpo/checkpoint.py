@@ -7,6 +7,7 @@ a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from .config import Config
 from .errors import UserError
 from .model import LlamaModel
 
-CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 
 
 def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
@@ -40,6 +41,44 @@ def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer
         tokenizer.save(directory / TOKENIZER)
 
 
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: size and sha256 of every other file in the directory, checked on load."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+
+
+def verify_manifest(directory: Path, *, required: bool = False) -> None:
+    """One-line UserError naming the first missing, truncated or corrupted file."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        if required:
+            raise UserError(f"{directory}: no {MANIFEST} (incomplete or foreign checkpoint)")
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{manifest}: unreadable manifest ({e})") from None
+    for name, meta in files.items():
+        f = directory / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise UserError(f"{f}: truncated or altered ({size} bytes, manifest says {meta['bytes']})")
+        if _sha256(f) != meta["sha256"]:
+            raise UserError(f"{f}: corrupted (sha256 differs from {MANIFEST})")
+
+
 class atomic_dir:
     """`with atomic_dir(final) as tmp:` write into tmp; on success tmp replaces `final` in one rename."""
 
@@ -56,6 +95,7 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        write_manifest(self.tmp)
         _fsync_dir(self.tmp)
         if self.final.exists():  # replace: move the old one aside first, then drop it
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
@@ -94,6 +134,7 @@ def load_config(path: str | Path) -> Config:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaModel:
     """Build the model from `path/config.json` and load `path/model.safetensors` (strictly)."""
     path = _checkpoint_dir(path)
+    verify_manifest(path)
     cfg = load_config(path)
     model = LlamaModel(cfg.model)
     load_weights(model, path / WEIGHTS)

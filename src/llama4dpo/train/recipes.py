@@ -63,8 +63,9 @@ def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, re
     m.vocab_size, m.pad_token_id, m.bos_token_id, m.eos_token_id = (
         tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     cfg.validate()
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume)
-    tokenizer.save(out / "tokenizer.json")
+    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
+                                  inputs={"command": "pretrain", "data": data})
+    _save_tokenizer(out, tokenizer)
     train_stream, eval_stream = load_token_streams(data, cfg.data, tokenizer)
     if show:
         print(f"pretraining on {data}: {len(train_stream):,} tokens, vocabulary {tokenizer.vocab_size}")
@@ -78,6 +79,17 @@ def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, re
     _start(trainer, resume_from)
     trainer.fit()
     return _finish(trainer, out, cfg, tokenizer, show)
+
+
+def _save_tokenizer(out: Path, tokenizer) -> None:
+    """A resumed run must keep the tokenizer it started with (ids would silently mean other text)."""
+    from ..tokenizer import load_tokenizer as load_tok
+
+    path = out / "tokenizer.json"
+    if path.is_file() and load_tok(path).fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"{out}: holds a run with a different tokenizer than {tokenizer.__class__.__name__} "
+                        f"of vocabulary {tokenizer.vocab_size} now given; use another --out or --overwrite")
+    tokenizer.save(path)
 
 
 def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
@@ -108,8 +120,9 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
 
     out = Path(out)
     init, cfg, tokenizer = _init_from(cfg, init)
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume)
-    tokenizer.save(out / "tokenizer.json")
+    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
+                                  inputs={"command": "sft", "data": data, "init": init.resolve()})
+    _save_tokenizer(out, tokenizer)
     pdata = _preference_data(cfg, data, out, tokenizer, show, sft=True)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -131,8 +144,9 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     out = Path(out)
     init, cfg, tokenizer = _init_from(cfg, init)
     ref = resolve_checkpoint(ref) if ref is not None else init
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume)
-    tokenizer.save(out / "tokenizer.json")
+    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
+                                  inputs={"command": "dpo", "data": data, "init": init.resolve(), "ref": ref.resolve()})
+    _save_tokenizer(out, tokenizer)
     pdata = _preference_data(cfg, data, out, tokenizer, show)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, load_weights, write_model_files, WEIGHTS
+from ..checkpoint import atomic_dir, load_weights, verify_manifest, write_model_files, WEIGHTS
 from ..errors import UserError
 from ..faults import fault_point
 
@@ -37,19 +38,36 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_training_checkpoint(run_dir: Path, step: int, model, optimizer, cfg, tokenizer, loop_state: dict,
                              keep_last: int) -> Path:
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
-        write_model_files(tmp, model, cfg, tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
-        fault_point("save", step)
+    try:
+        with atomic_dir(final) as tmp:
+            write_model_files(tmp, model, cfg, tokenizer)
+            torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
+            fault_point("save", step)
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
+        previous = checkpoint_dirs(run_dir)
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); stopped. "
+                        f"Last good checkpoint: {previous[-1] if previous else 'none'}") from None
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def latest_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match their manifest; damaged newer ones are skipped with a warning."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_manifest(path, required=True)
+            return path
+        except UserError as e:
+            print(f"warning: skipping damaged checkpoint: {e}", file=sys.stderr)
+    return None
+
+
 def load_training_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG in place; return the loop state (with `step`)."""
     path = Path(path)
+    verify_manifest(path, required=True)
     load_weights(model, path / WEIGHTS)
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

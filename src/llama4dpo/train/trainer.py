@@ -158,7 +158,13 @@ class Trainer:
             if self.step == 0 and self.eval_batches:
                 log.write({"step": 0, **self.evaluate()})
             while self.step < t.max_steps:
-                out = self.train_step()
+                try:
+                    out = self.train_step()
+                except torch.OutOfMemoryError:
+                    raise UserError(
+                        f"out of memory at step {self.step + 1} on {self.device}: lower train.batch_size (or raise "
+                        f"train.grad_accum_steps), data.max_length / data.block_size, or use train.precision=bf16; "
+                        f"last good checkpoint: {self.latest_checkpoint() or 'none'}") from None
                 fault_point("step", self.step)
                 window_tokens += out.pop("tokens")
                 for k, v in out.items():
