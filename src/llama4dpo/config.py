@@ -253,6 +253,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "config") -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: a config must be a table/object of sections, got {type(d).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs = {}
         for name, value in d.items():
@@ -269,12 +271,12 @@ class Config:
         d: dict = {}
         if path is not None:
             path = resolve_preset(path)
-            if not path.is_file():
+            if not _is_file(path):
                 raise ConfigError(f"config file not found: {path}")
             try:
                 d = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{path}: not valid TOML ({e})") from None
+            except (ValueError, RecursionError, OSError) as e:  # TOMLDecodeError, bad UTF-8, absurd nesting
+                raise ConfigError(f"{path}: not valid TOML ({type(e).__name__}: {e})") from None
         return cls.from_dict(_with_overrides(d, overrides), where=str(path) if path else "config")
 
     def with_overrides(self, overrides: list[str]) -> "Config":
@@ -287,7 +289,7 @@ class Config:
     def load_json(cls, path: str | Path) -> "Config":
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ConfigError(f"{path}: cannot read config ({e})") from None
         return cls.from_dict(d, where=str(path))
 
@@ -298,9 +300,16 @@ PRESETS = Path(__file__).resolve().parent / "configs"
 def resolve_preset(path: str | Path) -> Path:
     """A file path, or the name of a shipped preset ("tiny", "demo", "llama4-100m")."""
     path = Path(path)
-    if not path.exists() and path.parent == Path(".") and (PRESETS / f"{path.stem}.toml").is_file():
+    if not _is_file(path) and path.parent == Path(".") and _is_file(PRESETS / f"{path.stem}.toml"):
         return PRESETS / f"{path.stem}.toml"
     return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        return False
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig}
@@ -356,7 +365,7 @@ def _coerce(value, tp, key: str):
             text = value.strip()
             try:
                 value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ConfigError(f"{key}: expected a list like [1,2,3], got {text!r}") from None
             if not isinstance(value, list):
                 raise ConfigError(f"{key}: expected a list, got {text!r}")
@@ -375,24 +384,29 @@ def _coerce(value, tp, key: str):
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
+        v = value
         if raw:
             try:
-                return int(value)
+                v = int(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {str(value)!r}") from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+                raise ConfigError(f"{key}: expected an integer, got {str(value)[:40]!r}") from None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}"[:200])
+        if abs(v) >= 2 ** 63:
+            raise ConfigError(f"{key}: integer out of range")
+        return v
     if tp is float:
-        if raw:
-            try:
+        try:
+            if raw:
                 v = float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {str(value)!r}") from None
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            v = float(value)
-        else:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                v = float(value)
+            else:
+                raise TypeError
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected a finite number, got {str(value)[:40]!r}") from None
+        except TypeError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}"[:200]) from None
         if not math.isfinite(v):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return v

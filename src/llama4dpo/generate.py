@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import math
+
 import torch
 
 from .errors import UserError
@@ -26,11 +28,11 @@ class Sampling:
     def validate(self) -> "Sampling":
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also rejects NaN
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
 
@@ -52,13 +54,14 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
     remove_sorted = before >= p
+    remove_sorted[..., 0] = False  # p can round to 0 in float32: the most likely token always stays
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
 
 def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,)."""
-    if s.temperature == 0:
+    if s.temperature < 1e-5:  # 0 means greedy; a vanishing temperature is greedy too (and would overflow)
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(logits.float() / s.temperature, s.top_k), s.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

@@ -211,16 +211,18 @@ def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
 def load_tokenizer(path_or_dir: str | Path) -> CharTokenizer | BPETokenizer:
     """Load `tokenizer.json` (or `DIR/tokenizer.json`). Every failure is a one-line UserError naming the file."""
     path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / "tokenizer.json"
     try:
+        if path.is_dir():
+            path = path / "tokenizer.json"
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"tokenizer file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read tokenizer file {path}: {e}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"cannot read tokenizer file {path}: {type(e).__name__}: {e}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"tokenizer file {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise UserError(f"cannot read tokenizer file {path!r}: {e}") from None
     try:
         return tokenizer_from_dict(d)
     except UserError as e:

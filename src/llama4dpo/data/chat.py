@@ -31,9 +31,13 @@ ROLE_MARKERS = {"user": HUMAN, "assistant": ASSISTANT, "system": SYSTEM}
 _MARKER_IN_CONTENT = re.compile(r"\n\n+(Human|Assistant|System):")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def normalize_text(text: str) -> str:
-    """NFKC (as the tokenizer does) plus Windows line endings -> "\\n", so turn markers are found in CSVs."""
-    text = unicodedata.normalize("NFKC", text)
+    """NFKC (as the tokenizer does) plus Windows line endings -> "\\n", so turn markers are found in CSVs.
+    Lone surrogates (a JSON "\\ud800" escape) cannot be encoded as UTF-8 and become U+FFFD."""
+    text = _LONE_SURROGATE.sub("\ufffd", unicodedata.normalize("NFKC", text))
     return text.replace("\r\n", "\n") if "\r" in text else text
 
 

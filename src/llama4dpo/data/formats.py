@@ -104,7 +104,7 @@ def _messages(rec: dict, key: str) -> list[dict]:
     if not msgs:
         raise Skip("bad_messages", f"{key} is not a non-empty list of messages")
     for m in msgs:
-        if m.get("role") not in ROLE_MARKERS or not isinstance(m.get("content"), str):
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLE_MARKERS or not isinstance(m.get("content"), str):
             shown = {k: m.get(k) for k in ("role", "content")}
             raise Skip("bad_messages", f"{key} has a message {str(shown)[:60]}")
     return [{"role": m["role"], "content": normalize_text(m["content"])} for m in msgs]

@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def read_records(source: str, *, split: str = "train", max_samples: int | None =
     """Read every record of a local file or hub dataset (the first `max_samples` if set), unparsed."""
     path = Path(source)
     kind = file_kind(source)
+    try:
+        path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the filesystem, a NUL byte
+        raise UserError(f"data source {source[:80]!r}: {e}") from None
     if path.is_dir():
         raise UserError(f"data source {source} is a directory; give a .jsonl/.json/.csv/.parquet file")
     if path.is_file() and kind is None:
@@ -82,8 +87,8 @@ def read_records(source: str, *, split: str = "train", max_samples: int | None =
             return RawRecords(source, "record", _read_parquet(path, source, limit))
         if kind == "txt":
             raise UserError(f"data file {source}: a .txt file is a pretraining corpus, not a record set")
-    except (OSError, EOFError) as e:  # unreadable, truncated gzip, ...
-        raise UserError(f"cannot read data file {source}: {e}") from None
+    except (OSError, EOFError, zlib.error, ValueError) as e:  # unreadable, truncated or corrupt gzip, ...
+        raise UserError(f"cannot read data file {source}: {type(e).__name__}: {e}") from None
     return RawRecords(source, "record", _read_hub(source, split, limit))
 
 
@@ -149,7 +154,12 @@ def _read_parquet(path: Path, source: str, limit: int) -> list:
             table = pq.read_table(f)
     except pa.ArrowException as e:
         raise UserError(f"data file {source} is not a readable parquet file: {_first_line(e)}") from None
-    return list(enumerate(table.slice(0, limit).to_pylist()))
+    if table.num_columns == 0:  # pyarrow reports 2**63-1 rows for a column-less table: nothing to read
+        return []
+    try:
+        return list(enumerate(table.slice(0, min(limit, table.num_rows)).to_pylist()))
+    except (UnicodeDecodeError, pa.ArrowException) as e:
+        raise UserError(f"data file {source}: unreadable values ({_first_line(e)})") from None
 
 
 def _read_hub(name: str, split: str, limit: int) -> list:
