@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One-command GPU comparison: llama4dpo vs transformers/TRL at the ~100M-active-parameter preset, in bf16.
+#
+#   bash benchmarks/gpu.sh            # one CUDA GPU (H100/H200): about 3-5 minutes, hard limit 6 minutes
+#   bash benchmarks/gpu.sh --smoke    # CPU smoke mode, tiny model, < 60 s (CI keeps the script working)
+#
+# Measures, in one run (benchmarks/dpo_speed.py --device cuda --preset 100m):
+#   * the card's bf16 matmul peak (best of 4096^2 and 8192^2 matmuls)
+#   * a DPO training step, 8 pairs x 512 tokens, bf16 autocast, frozen reference: llama4dpo's Trainer vs TRL's
+#     DPOTrainer (bf16, no gradient checkpointing; then TRL's defaults, bf16 + gradient checkpointing), or vs
+#     transformers with a hand-written DPO step where TRL is not installed; tokens/s, CUDA peak memory, MFU
+#   * forward+backward of the model alone, and greedy generation at batch 1 (64 new tokens, KV cache)
+# Results print to stdout; with $OUT set (the device runner's output folder) they are also written to
+# $OUT/gpu_dpo_speed.{md,json}. Extra arguments are passed to dpo_speed.py (e.g. --steps 5).
+#
+# Python: $PYTHON if set, else the first of python3, python, .venv/bin/python whose torch sees a GPU (for
+# --smoke: the first that imports torch at all). Missing packages are reported by name; transformers/trl are
+# optional (only llama4dpo is measured without them).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0
+ARGS=()
+for a in "$@"; do
+  case "$a" in
+    --smoke) SMOKE=1 ;;
+    *) ARGS+=("$a") ;;
+  esac
+done
+
+candidates=()
+[ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
+if [ "$SMOKE" = 1 ]; then
+  candidates+=(.venv/bin/python python3 python)
+else
+  candidates+=(python3 python .venv/bin/python)
+fi
+
+PY=""
+tried=""
+for c in "${candidates[@]}"; do
+  command -v "$c" >/dev/null 2>&1 || [ -x "$c" ] || continue
+  if [ "$SMOKE" = 1 ]; then
+    probe='import torch'
+  else
+    probe='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
+  fi
+  if "$c" -c "$probe" >/dev/null 2>&1; then PY="$c"; break; fi
+  tried="$tried $c($("$c" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "no GPU visible")' 2>/dev/null || echo "no torch"))"
+done
+
+if [ -z "$PY" ]; then
+  if [ "$SMOKE" = 1 ]; then
+    echo "ERROR: no Python with torch found (tried:${tried:- none}). Install torch, e.g. 'make install' for .venv." >&2
+  else
+    echo "ERROR: no Python whose torch sees a CUDA GPU (tried:${tried:- none})." >&2
+    echo "       Install a CUDA build of torch (pip install torch) and check nvidia-smi; or run with --smoke on CPU." >&2
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >&2
+  fi
+  exit 3
+fi
+echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+
+OUTARGS=()
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+  OUTARGS=(--json "$OUT/gpu_dpo_speed.json" --md "$OUT/gpu_dpo_speed.md")
+fi
+
+if [ "$SMOKE" = 1 ]; then
+  # tiny model on CPU: the same code paths (checkpoint + export, both DPO sides, fwd+bwd, generation, peak)
+  exec timeout 120 "$PY" benchmarks/dpo_speed.py --quick --device cpu --no-write --gen-batches 1 \
+    --settings ours-bf16,trl-bf16 ${OUTARGS[@]+"${OUTARGS[@]}"} ${ARGS[@]+"${ARGS[@]}"}
+fi
+
+# The whole run must end within ~6 minutes: 330 s for the script, each DPO process at most 110 s.
+timeout -k 10 330 "$PY" benchmarks/dpo_speed.py --device cuda --preset 100m --experts 16 \
+  --settings ours-bf16,trl-bf16,trl-default --extra-settings "" --gen-batches 1 --timeout 110 \
+  --no-write ${OUTARGS[@]+"${OUTARGS[@]}"} ${ARGS[@]+"${ARGS[@]}"}
+rc=$?
+if [ $rc = 124 ] || [ $rc = 137 ]; then
+  echo "gpu.sh: stopped at the 330 s limit; the lines above hold what was measured." >&2
+fi
+exit $rc
