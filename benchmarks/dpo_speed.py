@@ -13,7 +13,11 @@ Definitions (also printed under the tables):
     wall time. A step is everything the training loop does: batch collation, reference forward (unless
     reference log-probs are precomputed), policy forward + backward, gradient clipping, AdamW step.
     For TRL the step time is the interval between consecutive `on_step_end` callbacks; for us the interval
-    between consecutive `Trainer.train_step()` calls.
+    between consecutive `Trainer.train_step()` calls. On a shared machine each step also records how many cores
+    OTHER processes used meanwhile (/proc/stat minus this process); the median is taken over the "quiet" steps
+    (< 0.25 cores used by others) when there are at least 3, else over all steady steps; the table says how
+    many were quiet. `--rounds N` interleaves N runs of every setting; `--threads 1` is the robust choice on a
+    loaded machine (with 2 threads every parallel op waits whenever its second thread is descheduled).
   * peak memory (CPU): each setting runs in its own subprocess; "peak RSS" is getrusage's ru_maxrss of that
     process; "train RSS" is that peak minus the RSS measured after imports, before anything is built (models,
     data, optimizer, activations: what training adds). On CUDA: torch.cuda.max_memory_allocated.
@@ -609,6 +613,10 @@ def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, v
 
 
 # ---- report --------------------------------------------------------------------------------------------------
+def _flops_str(name: str, v: float) -> str:
+    return f"{name} {v / 1e12:,.1f} TFLOP/s" if v >= 1e12 else f"{name} {v / 1e9:,.1f} GFLOP/s"
+
+
 def fmt(x, nd=0):
     return "-" if x is None else f"{x:,.{nd}f}"
 
@@ -632,7 +640,8 @@ def main():
                    help="run every setting this many times, interleaved (A B C A B C ...), pooling the steady "
                         "steps of all rounds: on a shared machine the load then hits every setting alike")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--quick", action="store_true", help="smoke mode: tiny model, 1 warm-up + 2 steps, < 60 s")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: tiny model, 1 warm-up + 2 steps, 1 thread unless --threads; < 60 s")
     p.add_argument("--timeout", type=float, default=None, help="seconds per DPO subprocess")
     p.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     p.add_argument("--section", default="dpo_speed", help="BENCHMARKS.md section name")
@@ -664,6 +673,8 @@ def main():
 
     t_start = time.perf_counter()
     import torch
+    if args.quick and args.threads is None:
+        args.threads = 1  # smoke mode: one thread keeps it fast and steady on a loaded machine
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -736,7 +747,8 @@ def main():
         elif a != "--no-write" and not any(a.startswith(o + "=") for o in skip_opts):
             cmd.append(a)
     results: dict = dict(cmd="python benchmarks/dpo_speed.py" + "".join(" " + (c if c else '""') for c in cmd),
-                         load_start=os.getloadavg()[0], threads=torch.get_num_threads(), rounds=args.rounds, preset=preset, device=args.device, machine=machine, versions=versions, pairs=P["pairs"],
+                         load_start=os.getloadavg()[0], threads=torch.get_num_threads(), rounds=args.rounds,
+                         preset=preset, device=args.device, machine=machine, versions=versions, pairs=P["pairs"],
                          seq=P["seq"], steps=steps, warmup=warmup, models={}, dpo=[], fwdbwd=[], gen=[], peak={})
     workdir = Path(tempfile.mkdtemp(prefix="dpo_speed_"))
 
@@ -744,7 +756,7 @@ def main():
     if "peak" not in skip:
         sizes = [512, 1024] if args.quick else [4096, 8192] if cuda else [1024, 2048]
         results["peak"] = matmul_peak(args.device, ["bf16"] if cuda else ["fp32", "bf16"], sizes)
-        print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in results["peak"].items()),
+        print("matmul peak: " + ", ".join(_flops_str(k, v) for k, v in results["peak"].items()),
               flush=True)
 
     ckpts = {}
@@ -841,15 +853,21 @@ def render(res: dict) -> str:
                      f"{info['expert_width']}, dense width {info['dense_width']}, MoE layers {info['moe_layers']}")
     if peak:
         lines += ["", "Measured matmul peak (same run): " + ", ".join(
-            f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peak.items()) + "."]
+            _flops_str(k, v) for k, v in peak.items()) + "."]
 
     def mfu(flops, precision):
         pk = peak.get(precision) or peak.get("bf16")
-        return f"{100 * flops / pk:.1f}%" if pk else "-"
+        if not pk:
+            return "-"
+        x = 100 * flops / pk
+        return f"{x:.1f}%" if x >= 1 else f"{x:.2f}%" if x >= 0.01 else f"{x:.1e}%"
 
     ok = [r for r in res["dpo"] if "error" not in r]
     if res["dpo"]:
-        base_name = "trl-fp32" if tf_side == "trl" else "hf-fp32"
+        # the baseline column: the transformers side's fp32 setting, else its first setting in the run
+        present = [r["setting"] for r in ok if SETTINGS[r["setting"]]["side"] != "ours"]
+        base_name = next((n for n in (f"{tf_side}-fp32", f"{tf_side}-bf16") if n in present),
+                         present[0] if present else f"{tf_side}-fp32")
         lines += ["", "### DPO training step", "",
                   "| experts | setting | tokens/s | step (s) | vs " + base_name + " | "
                   + ("CUDA peak (MiB)" if cuda else "peak RSS (MiB) | train RSS (MiB)") + " | model TFLOP/s | MFU |"
@@ -913,7 +931,8 @@ def render(res: dict) -> str:
                          f"{fmt(r.get('hf_s') and r['hf_s'] * 1e3, 1)} | {sp} | "
                          f"{mfu(6 * n * r['tokens'] / r['ours_s'], r['precision'])} | {d} |")
     if res["gen"]:
-        lines += ["", f"### Generation (greedy, KV cache, prompt {res['gen_prompt']} tokens, every row generates the same count)", "",
+        lines += ["", f"### Generation (greedy, KV cache, prompt {res['gen_prompt']} tokens, every row generates the "
+                  "same count)", "",
                   "| experts | batch | new tokens | llama4dpo tokens/s | transformers generate tokens/s | speed-up | "
                   "llama4dpo MFU | same tokens |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in res["gen"]:
@@ -927,9 +946,10 @@ def render(res: dict) -> str:
     lines += ["", "Definitions: tokens/s = non-pad tokens of the prompt+chosen and prompt+rejected rows per optimizer "
               "step / median step time" + ("" if cuda else
               " (median over the quiet steady steps - other processes used < 0.25 cores during the step, read from "
-              "/proc/stat - when there are at least 3, else over all steady steps)") + " (a step: collation, reference forward unless precomputed, policy "
-              "forward+backward, clipping, AdamW). Precomputed reference log-probs cost one extra forward pass over "
-              "the data before training, not counted in the step. Memory: " +
+              "/proc/stat - when there are at least 3, else over all steady steps)")
+              + " (a step: collation, reference forward unless precomputed, policy forward+backward, clipping, "
+              "AdamW). Precomputed reference log-probs cost one extra forward pass over the data before training, "
+              "not counted in the step. Memory: " +
               ("torch.cuda.max_memory_allocated per process." if cuda else
                "peak RSS (getrusage) of the setting's own process; train RSS = peak minus the RSS after imports.") +
               " Model FLOPs: (6 + 2 for the reference forward) x N x tokens, N = active parameters without the "

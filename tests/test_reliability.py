@@ -142,3 +142,15 @@ def test_zero_valid_pairs_is_a_clear_error(tmp_path, capsys, run):
     assert main(["dpo", *COMMON[:2], "--data", str(bad), "--quiet", "--init", str(run), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "no usable preference pairs" in err and "identical_responses" in err
+
+
+def test_out_of_memory_names_the_settings_to_lower(tmp_path, monkeypatch, capsys):
+    from llama4dpo.train.trainer import Trainer
+
+    def oom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", oom)
+    assert pretrain(tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory at step 1") and "train.batch_size" in err and err.count("\n") == 1
