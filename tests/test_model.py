@@ -142,6 +142,22 @@ def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monke
     assert moe.tokens_per_expert.sum() == 21 * top_k
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 21])
+def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
+    """Without autograd on CPU the MoE runs one product per non-empty expert (decoding): a single token
+    leaves all but one expert empty, and the result must still equal the dense reference."""
+    cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": 1})
+    moe = MoE(cfg)
+    moe.init_weights(0.2)
+    x = torch.randn(1, tokens, 32)
+    with torch.inference_mode():
+        out = moe(x)
+        assert tokens > 6 or (moe.tokens_per_expert == 0).any()  # 1 or 3 tokens, 6 experts: some are empty
+        torch.testing.assert_close(out, dense_moe_reference(moe, x), atol=1e-5, rtol=1e-5)
+    assert moe_module.grouped_matmul(torch.empty(0, 32), moe.experts.down_proj.detach()[:, :32],
+                                     torch.zeros(6, dtype=torch.long)).shape == (0, 32)
+
+
 def test_balance_loss_off_by_default_and_differentiable_when_on():
     model = tiny().train()
     model(torch.randint(0, 50, (2, 10)))
@@ -163,6 +179,9 @@ def test_bf16_autocast_runs_and_stays_close():
             low = model(x)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max() < 0.05
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and gradients flow through the fp32 attention path
+        model(x).float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
 
 
 def test_tied_embeddings_and_padding_row():

@@ -67,7 +67,7 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, pad_id: int, use_cache: bool = True,
                  on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New token ids per prompt (the eos, when produced, included). `on_token(row, id)` streams."""

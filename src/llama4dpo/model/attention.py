@@ -72,11 +72,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, d)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_kv, d)
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype == torch.bfloat16:  # CPU's bf16 SDPA kernels run ~2x slower than fp32
+            q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim),
             enable_gqa=self.n_kv_heads != self.n_heads)  # kv head j serves query heads j*g .. j*g+g-1
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def init_weights(self, std: float) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
