@@ -158,6 +158,21 @@ def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
                                      torch.zeros(6, dtype=torch.long)).shape == (0, 32)
 
 
+def test_padded_expert_groups_equal_unpadded_values_and_grads():
+    """CPU bf16 rounds expert groups up to 64 rows; the padding rows must not change any value or gradient."""
+    experts = moe_module.ExpertMLP(5, 16, 24)
+    experts.init_weights(0.3)
+    counts = torch.tensor([3, 0, 70, 1, 26])
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    params = [x, experts.gate_up_proj, experts.down_proj]
+    g = torch.randn(len(x), 16)
+    plain = experts._swiglu(x, counts, experts.gate_up_proj, experts.down_proj)
+    padded = experts._padded(x, counts, experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(padded, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_balance_loss_off_by_default_and_differentiable_when_on():
     model = tiny().train()
     model(torch.randint(0, 50, (2, 10)))

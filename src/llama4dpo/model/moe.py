@@ -66,8 +66,23 @@ class ExpertMLP(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's op list
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= 64:
+            return self._padded(x, counts, gate_up, down)
+        return self._swiglu(x, counts, gate_up, down)
+
+    def _swiglu(self, x, counts, gate_up, down):
         gate, up = grouped_matmul(x, gate_up, counts).split(self.hidden, dim=-1)
         return grouped_matmul(F.silu(gate) * up, down, counts)
+
+    def _padded(self, x, counts, gate_up, down, multiple: int = 64):
+        """CPU bf16 (all but decoding): oneDNN builds (and caches) a kernel per distinct group size, so with counts
+        that change every step it keeps compiling and its cache grows. Rounding every group up to a
+        multiple of 64 rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
+        padded = (counts + multiple - 1) // multiple * multiple
+        e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)  # expert of each row
+        dest = (padded.cumsum(0) - padded)[e] + torch.arange(len(x), device=x.device) - (counts.cumsum(0) - counts)[e]
+        buf = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, dest, x)
+        return self._swiglu(buf, padded, gate_up, down)[dest]
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)
