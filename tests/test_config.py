@@ -52,6 +52,7 @@ def test_derived_values():
     ("model.moe_layers=[0,99]", "model.moe_layers"),
     ("train.lr=-1", "train.lr"),
     ("train.precision=fp8", "train.precision"),
+    ("distributed.strategy=zero3", "distributed.strategy"),
     ("dpo.loss_type=nope", "dpo.loss_type"),
     ("train.lr=nan", "train.lr: expected a finite number"),
     ("hidden_size=3", "expected section.key=value"),

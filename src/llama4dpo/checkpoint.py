@@ -25,17 +25,18 @@ from .model import LlamaModel
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 
 
-def model_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies; the LM head is left out when tied (safetensors refuses shared storage)."""
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of `state` (default: the model's own); the LM head is left out when tied
+    (safetensors refuses shared storage)."""
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
 
 
-def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None) -> None:
+def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None) -> None:
     """Write the three model files into an existing directory (no atomicity: see `atomic_dir`)."""
-    save_file(model_state_dict(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_file(model_state_dict(model, state), str(directory / WEIGHTS), metadata={"format": "pt"})
     cfg.save_json(directory / CONFIG)
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
@@ -120,9 +121,9 @@ def _fsync_dir(path: Path) -> None:
             pass
 
 
-def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None) -> Path:
+def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None) -> Path:
     with atomic_dir(path) as tmp:
-        write_model_files(tmp, model, cfg, tokenizer)
+        write_model_files(tmp, model, cfg, tokenizer, state)
     return Path(path)
 
 
@@ -142,6 +143,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaMod
 
 
 def load_weights(model: LlamaModel, file: Path) -> None:
+    model.load_state_dict(read_weights(model, file), strict=True)
+
+
+def read_weights(model: LlamaModel, file: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `file`, checked against the model's names and shapes (one-line errors)."""
     if not file.is_file():
         raise UserError(f"{file}: missing model weights")
     try:
@@ -160,7 +166,7 @@ def load_weights(model: LlamaModel, file: Path) -> None:
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise UserError(f"{file}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
-    model.load_state_dict(sd, strict=True)
+    return sd
 
 
 def load_tokenizer(path: str | Path):

@@ -182,7 +182,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 8              # sequences (or pairs) per optimizer step, per process
+    batch_size: int = 8              # sequences (or pairs) per optimizer step, over all processes
     grad_accum_steps: int = 1        # micro-batches per optimizer step (batch_size is split across them)
     lr: float = 3e-4
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
@@ -237,14 +237,25 @@ class DPOConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used only under torchrun (WORLD_SIZE > 1); a single process ignores it."""
+    strategy: str = "ddp"            # "ddp" (replicas) or "fsdp" (FSDP2 fully_shard per block)
+
+    def validate(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"distributed.strategy: must be 'ddp' or 'fsdp', got {self.strategy!r}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.train, self.dpo):
+        for section in (self.model, self.data, self.train, self.dpo, self.distributed):
             section.validate()
         return self
 
@@ -312,7 +323,8 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig}
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig,
+                  "distributed": DistributedConfig}
 
 
 class _RAW(str):

@@ -16,9 +16,10 @@ from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
 from .batches import ExampleBatches, StreamBatches
+from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
 from .run_dir import prepare_run_dir
-from .trainer import Trainer, autocast, resolve_device
+from .trainer import Trainer, autocast
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -36,12 +37,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path}: not a checkpoint or run directory (no {WEIGHTS})")
 
 
+def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
+    """Join torchrun's process group if there is one; only rank 0 prints."""
+    dist = Dist.from_env(cfg.distributed.strategy, cfg.train.device)
+    dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps)
+    if dist.enabled and show and dist.is_main:
+        print(f"{dist.world} processes, {dist.strategy}; batch_size {cfg.train.batch_size} is the global batch")
+    return dist, dist.device(cfg.train.device), show and dist.is_main
+
+
 def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> Path:
-    final = save_model(out / "final", trainer.model, cfg, tokenizer)
     from ..plot import plot_run
-    plot_run(out)
+
+    state = trainer.dist.model_state(trainer.model)  # every rank takes part (FSDP2 gathers shards)
+
+    def write():
+        final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
+        plot_run(out)
+        return final
+    final = trainer.dist.on_main(write)
     if show:
         print(f"done: {final} (metrics: {out / 'metrics.jsonl'}, plots: {out / 'plots'})")
+    trainer.engine = trainer.model  # drop the DDP wrapper (and its hold on the process group) first
+    trainer.dist.close()
     return final
 
 
@@ -55,6 +73,7 @@ def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, re
     from ..tokenizer import build_tokenizer, load_tokenizer as load_tok
 
     out = Path(out)
+    dist, device, show = _setup(cfg, show)
     if (out / "tokenizer.json").is_file() and not overwrite:
         tokenizer = load_tok(out / "tokenizer.json")  # a resumed run keeps its tokenizer
     else:
@@ -63,19 +82,22 @@ def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, re
     m.vocab_size, m.pad_token_id, m.bos_token_id, m.eos_token_id = (
         tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     cfg.validate()
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
-                                  inputs={"command": "pretrain", "data": data})
-    _save_tokenizer(out, tokenizer)
+    if dist.on_main(tokenizer.fingerprint) != tokenizer.fingerprint():
+        raise UserError("the processes built different tokenizers from the same data; train one with a single "
+                        "process first and resume from its run directory")
+    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
+                               inputs={"command": "pretrain", "data": data})
+    dist.on_main(_save_tokenizer, out, tokenizer)
     train_stream, eval_stream = load_token_streams(data, cfg.data, tokenizer)
     if show:
         print(f"pretraining on {data}: {len(train_stream):,} tokens, vocabulary {tokenizer.vocab_size}")
-    device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model = LlamaModel(cfg.model).init_weights(seed=cfg.train.seed).to(device)
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+    micro = cfg.train.batch_size // cfg.train.grad_accum_steps  # a global micro-batch; each rank takes its rows
     eval_batches = StreamBatches(eval_stream, micro, cfg.train.seed).fixed(cfg.train.eval_batches) if eval_stream else None
-    trainer = Trainer(cfg, model, LanguageModeling(), StreamBatches(train_stream, micro, cfg.train.seed),
-                      eval_batches, out, tokenizer, device=device, show_progress=show)
+    train = StreamBatches(train_stream, micro, cfg.train.seed, rows=dist.rows(micro))
+    trainer = Trainer(cfg, model, LanguageModeling(), train, eval_batches, out, tokenizer, device=device,
+                      show_progress=show, dist=dist)
     _start(trainer, resume_from)
     trainer.fit()
     return _finish(trainer, out, cfg, tokenizer, show)
@@ -100,7 +122,7 @@ def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
     return init, cfg, load_tokenizer(init)
 
 
-def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, sft: bool = False):
+def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, dist: Dist, sft: bool = False):
     from ..data import load_preference_data
 
     if not show:
@@ -108,7 +130,8 @@ def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, s
         datasets.disable_progress_bars()
     pdata = load_preference_data(data, cfg.data, tokenizer, sft=sft)
     summary = pdata.report.summary()
-    (out / "data_report.txt").write_text(summary + "\n", encoding="utf-8")
+    if dist.is_main:
+        (out / "data_report.txt").write_text(summary + "\n", encoding="utf-8")
     if show:
         print(summary)
     return pdata
@@ -119,19 +142,20 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
     from ..data import collate_sft
 
     out = Path(out)
+    dist, device, show = _setup(cfg, show)
     init, cfg, tokenizer = _init_from(cfg, init)
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
-                                  inputs={"command": "sft", "data": data, "init": init.resolve()})
-    _save_tokenizer(out, tokenizer)
-    pdata = _preference_data(cfg, data, out, tokenizer, show, sft=True)
-    device = resolve_device(cfg.train.device)
+    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
+                               inputs={"command": "sft", "data": data, "init": init.resolve()})
+    dist.on_main(_save_tokenizer, out, tokenizer)
+    pdata = _preference_data(cfg, data, out, tokenizer, show, dist, sft=True)
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
     collate = functools.partial(collate_sft, pad_id=tokenizer.pad_id)
-    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed)
+    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
-    trainer = Trainer(cfg, model, LanguageModeling(), train, evals, out, tokenizer, device=device, show_progress=show)
+    trainer = Trainer(cfg, model, LanguageModeling(), train, evals, out, tokenizer, device=device, show_progress=show,
+                      dist=dist)
     _start(trainer, resume_from)
     trainer.fit()
     return _finish(trainer, out, cfg, tokenizer, show)
@@ -142,38 +166,42 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     from ..data import collate_preference
 
     out = Path(out)
+    dist, device, show = _setup(cfg, show)
     init, cfg, tokenizer = _init_from(cfg, init)
     ref = resolve_checkpoint(ref) if ref is not None else init
-    resume_from = prepare_run_dir(out, cfg, overwrite=overwrite, resume=resume,
-                                  inputs={"command": "dpo", "data": data, "init": init.resolve(), "ref": ref.resolve()})
-    _save_tokenizer(out, tokenizer)
-    pdata = _preference_data(cfg, data, out, tokenizer, show)
-    device = resolve_device(cfg.train.device)
+    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
+                               inputs={"command": "dpo", "data": data, "init": init.resolve(), "ref": ref.resolve()})
+    dist.on_main(_save_tokenizer, out, tokenizer)
+    pdata = _preference_data(cfg, data, out, tokenizer, show, dist)
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
     collate = functools.partial(collate_preference, pad_id=tokenizer.pad_id)
-    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed)
+    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
     reference = load_model(ref, device)
     reference.requires_grad_(False)
+    if dist.enabled and cfg.distributed.strategy == "fsdp":
+        dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
     if cfg.dpo.precompute_ref:
+        # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
         with autocast(cfg.train, device):
-            train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device)
-            eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device) if evals else None
+            train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
+            eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
         objective = Preference(cfg.dpo, reference_logps=train_logps)
         eval_objective = Preference(cfg.dpo, reference_logps=eval_logps) if evals else None
         del reference  # the point of precomputing: the reference is not held during training
     else:
         objective = eval_objective = Preference(cfg.dpo, reference=reference)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
-                      eval_objective=eval_objective)
+                      eval_objective=eval_objective, dist=dist)
     _start(trainer, resume_from)
     trainer.fit()
     return _finish(trainer, out, cfg, tokenizer, show)
 
 
-def cached_reference_logps(out: Path, split: str, reference, batches, n: int, ref_path: Path, device):
+def cached_reference_logps(out: Path, split: str, reference, batches, n: int, ref_path: Path, device,
+                           dist: Dist | None = None):
     """Reference log-probs for every example, cached in OUT/ref_logps_{split}.safetensors and keyed by the
     reference weights and the exact token ids, so a resumed run reuses them and a changed input does not."""
     if isinstance(batches, ExampleBatches):
@@ -185,10 +213,17 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
         key.update(np.ascontiguousarray(b["labels"].numpy()).tobytes())
     key = key.hexdigest()
     path = out / f"ref_logps_{split}.safetensors"
-    if path.is_file():
+    dist = dist or Dist()
+    if dist.on_main(_cache_holds, path, key):  # every rank decides alike (they all read, or all compute)
         with safe_open(str(path), "pt") as f:
-            if f.metadata().get("key") == key:
-                return f.get_tensor("sums"), f.get_tensor("counts")
+            return f.get_tensor("sums"), f.get_tensor("counts")
     sums, counts = precompute_reference_logps(reference, batches, n, device)
-    save_file({"sums": sums, "counts": counts}, str(path), metadata={"key": key})
+    dist.on_main(save_file, {"sums": sums, "counts": counts}, str(path), metadata={"key": key})
     return sums, counts
+
+
+def _cache_holds(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return f.metadata().get("key") == key

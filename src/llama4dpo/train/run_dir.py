@@ -18,7 +18,8 @@ from .state import checkpoint_dirs, latest_good_checkpoint
 
 # Keys a resumed run may change: they do not alter what the checkpoint holds.
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
-                     "train.log_every", "train.tensorboard", "train.device", "data.num_proc"}
+                     "train.log_every", "train.tensorboard", "train.device", "data.num_proc",
+                     "distributed.strategy"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -2,11 +2,12 @@
 
     RUN_DIR/checkpoints/step-0000100/
         config.json  model.safetensors  tokenizer.json     <- a loadable model checkpoint
-        optimizer.pt                                        <- optimizer state + RNG (tensors only)
+        optimizer.pt                                        <- optimizer state by parameter name + RNG
         trainer_state.json                                  <- step, metric window, schedule position
 
 optimizer.pt is read with `torch.load(weights_only=True)`: only tensors and plain containers are
-accepted, so a planted pickle cannot run code. The last `keep_last` checkpoints are kept.
+accepted, so a planted pickle cannot run code. The last `keep_last` checkpoints are kept. Model and optimizer
+state are full (unsharded) and keyed by parameter name, so any number of processes can resume them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, load_weights, verify_manifest, write_model_files, WEIGHTS
+from ..checkpoint import atomic_dir, read_weights, verify_manifest, write_model_files, WEIGHTS
 from ..errors import UserError
 from ..faults import fault_point
 
@@ -35,13 +36,14 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_training_checkpoint(run_dir: Path, step: int, model, optimizer, cfg, tokenizer, loop_state: dict,
-                             keep_last: int) -> Path:
+def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict, optimizer_state: dict, cfg,
+                             tokenizer, loop_state: dict, keep_last: int) -> Path:
+    """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state)."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
     try:
         with atomic_dir(final) as tmp:
-            write_model_files(tmp, model, cfg, tokenizer)
-            torch.save({"optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
+            write_model_files(tmp, model, cfg, tokenizer, state=model_state)
+            torch.save({"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
             fault_point("save", step)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
@@ -64,17 +66,20 @@ def latest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_training_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG in place; return the loop state (with `step`)."""
+def load_training_checkpoint(path: Path, model, optimizer, dist) -> dict:
+    """Restore model, optimizer and RNG in place (every rank reads the files); return the loop state."""
     path = Path(path)
     verify_manifest(path, required=True)
-    load_weights(model, path / WEIGHTS)
+    dist.load_model_state(model, read_weights(model, path / WEIGHTS))
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "trainer_state.json").read_text())
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot load training state ({first})") from None
-    optimizer.load_state_dict(blob["optimizer"])
+    try:
+        dist.load_optimizer_state(model, optimizer, blob["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: optimizer state does not fit this model ({type(e).__name__}: {e})") from None
     torch.set_rng_state(blob["rng_cpu"])
     return state

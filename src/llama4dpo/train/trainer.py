@@ -18,6 +18,7 @@ import torch
 from ..config import Config, TrainConfig
 from ..errors import UserError
 from ..faults import fault_point
+from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 
@@ -64,30 +65,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, model, objective, train_batches, eval_batches: list[dict] | None,
                  run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True,
-                 eval_objective=None):
+                 eval_objective=None, dist: Dist | None = None):
         self.cfg, self.t = cfg, cfg.train
+        self.dist = dist or Dist()
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
+        self.engine = self.dist.wrap(model, self.t.precision)  # what forward passes go through (DDP/FSDP2)
         self.eval_objective = eval_objective or objective  # differs only when reference log-probs are cached
         self.train_batches, self.eval_batches = train_batches, eval_batches or []
-        self.run_dir, self.device, self.show_progress = Path(run_dir), device, show_progress
+        self.run_dir, self.device = Path(run_dir), device
+        self.show_progress = show_progress and self.dist.is_main
         self.optimizer = make_optimizer(model, self.t, device)
         self.step = 0
         self.window: dict[str, float] = {}  # metric sums since the last train row
 
     # ---- state -------------------------------------------------------------------------------------
     def resume(self, checkpoint: Path) -> None:
-        state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
+        state = load_training_checkpoint(checkpoint, self.model, self.optimizer, self.dist)
         self.step, self.window = state["step"], state.get("window", {})
-        truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-        print(f"resumed from {checkpoint} at step {self.step}")
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            print(f"resumed from {checkpoint} at step {self.step}")
+        self.dist.barrier()
 
     def latest_checkpoint(self) -> Path | None:
         found = checkpoint_dirs(self.run_dir)
         return found[-1] if found else None
 
     def save(self) -> Path:
-        return save_training_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.cfg,
-                                        self.tokenizer, {"window": self.window}, self.t.keep_last)
+        """Every rank gathers the full state (FSDP2 needs all of them); rank 0 writes it."""
+        model_state = self.dist.model_state(self.model)
+        optim_state = self.dist.optimizer_state(self.model, self.optimizer)
+        return self.dist.on_main(save_training_checkpoint, self.run_dir, self.step, self.model, model_state,
+                                 optim_state, self.cfg, self.tokenizer, {"window": self.window}, self.t.keep_last)
 
     # ---- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -96,28 +105,31 @@ class Trainer:
         lr = lr_at(self.step, t)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        micro = [self.train_batches(self.step, m) for m in range(t.grad_accum_steps)]
-        total = max(1, sum(self.objective.units(b) for b in micro))
+        micro = [self.train_batches(self.step, m) for m in range(t.grad_accum_steps)]  # this rank's share
+        total = max(1, int(self.dist.sum([sum(self.objective.units(b) for b in micro)])[0]))  # over all ranks
+        world = self.dist.world  # DDP/FSDP2 average gradients over ranks; scaling by world makes them sums
         sums: dict[str, float] = {}
         tokens = 0
-        for batch in micro:
+        for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
-            with autocast(t, self.device):
-                out = self.objective(model, batch)
-                loss = out.loss_sum / total
+            with self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t, self.device):
+                out = self.objective(self.engine, batch)
+                loss = out.loss_sum * world / total
                 aux = model.aux_loss() if hasattr(model, "aux_loss") else None
                 if aux is not None:
                     loss = loss + aux / len(micro)
-                    sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.item() * total / len(micro)
-            loss.backward()
+                    sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.item() * total / len(micro) / world
+                loss.backward()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             for layer, counts in model.expert_load().items():
                 key = f"expert_load/layer_{layer}"
                 sums[key] = [a + b for a, b in zip(sums.get(key, [0] * len(counts)), counts)]
+        sums = self.dist.sum_dict({**sums, "tokens": tokens})
+        tokens = int(sums.pop("tokens"))
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         mean_loss = sums["loss"] / total
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -141,8 +153,8 @@ class Trainer:
             if i == len(self.eval_batches) // 2:
                 fault_point("eval", self.step)
             batch = to_device(batch, self.device)
-            with autocast(self.t, self.device):
-                out = self.eval_objective(self.model, batch)
+            with autocast(self.t, self.device):  # every rank evaluates every batch: no reduction needed
+                out = self.eval_objective(self.engine if self.dist.strategy == "fsdp" else self.model, batch)
             units += out.units
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -151,8 +163,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self, *, log: MetricsLog | None = None) -> None:
         t = self.t
-        log = log or MetricsLog(self.run_dir / "metrics.jsonl", t.max_steps, self.step,
-                                show=self.show_progress, desc=self.objective.name,
+        log = log or MetricsLog(self.run_dir / "metrics.jsonl" if self.dist.is_main else None, t.max_steps,
+                                self.step, show=self.show_progress, desc=self.objective.name,
                                 tensorboard_dir=self.run_dir / "tb" if t.tensorboard else None)
         clock, window_tokens = time.perf_counter(), 0
         try:

@@ -1,0 +1,158 @@
+"""torchrun on CPU (gloo), 2 processes, through the real CLI: per-step losses equal a 1-process run with the
+same global batch, for DDP and FSDP2, for pretraining and DPO; checkpoints move between 1 and 2 processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from llama4dpo.train.metrics import read_metrics
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+TINY = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
+COMMON = ["--config", TINY, "--data", "builtin:assistant", "--quiet", "data.builtin_size=120", "train.log_every=1",
+          "train.eval_every=3", "train.save_every=3", "train.keep_last=5", "train.batch_size=4",
+          "train.grad_accum_steps=2", "train.device=cpu"]
+PRETRAIN = ["pretrain", *COMMON, "train.max_steps=6"]
+KEYS = ("loss", "grad_norm", "eval_loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "eval_rewards/margins")
+
+
+def launch(args, nproc: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    env.pop("LLAMA4DPO_FAULT", None)
+    if fault:
+        env["LLAMA4DPO_FAULT"] = fault
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "llama4dpo", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "llama4dpo", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ok(result):
+    assert result.returncode == 0, "\n".join(l for l in result.stderr.splitlines() if l.strip())[-6000:]
+    return result
+
+
+def assert_same_losses(a: Path, b: Path, tol: float = 1e-5):
+    ra, rb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    compared = 0
+    for x, y in zip(ra, rb):
+        for k in KEYS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], abs=tol), (x["step"], k, x[k], y[k])
+                compared += 1
+    assert compared >= 10
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The 1-process references: pretraining, and DPO from its result."""
+    root = tmp_path_factory.mktemp("single")
+    ok(launch([*PRETRAIN, "--out", str(root / "pre")]))
+    ok(launch([*dpo_args(root), "--out", str(root / "dpo")]))
+    return root
+
+
+def dpo_args(root: Path, steps: int = 6) -> list[str]:
+    return ["dpo", *COMMON, "--init", str(root / "pre"), f"train.max_steps={steps}", "train.lr=3e-3"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_of_one(single, tmp_path, strategy):
+    ok(launch([*PRETRAIN, "--out", str(tmp_path / "pre"), f"distributed.strategy={strategy}"], nproc=2))
+    assert_same_losses(single / "pre", tmp_path / "pre")
+    ok(launch([*dpo_args(single), "--out", str(tmp_path / "dpo"), f"distributed.strategy={strategy}"], nproc=2))
+    assert_same_losses(single / "dpo", tmp_path / "dpo")
+    # the written files are a plain checkpoint: the same weights as the 1-process run's, to float tolerance
+    from safetensors.torch import load_file
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (single / "dpo", tmp_path / "dpo"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_checkpoints_move_between_two_processes_and_one(single, tmp_path):
+    # pretraining: 2 processes (ddp) killed after step 4 (checkpoint at 3), resumed by 1 process
+    killed = launch([*PRETRAIN, "--out", str(tmp_path / "pre")], nproc=2, fault="step:4")
+    assert killed.returncode != 0
+    resumed = ok(launch([*PRETRAIN, "--out", str(tmp_path / "pre")]))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_losses(single / "pre", tmp_path / "pre")
+    # DPO: 1 process killed after step 4, resumed by 2 processes with FSDP2 and precomputed reference log-probs
+    args = [*dpo_args(single), "--out", str(tmp_path / "dpo")]
+    assert launch(args + ["dpo.precompute_ref=true"], fault="step:4").returncode == -9
+    resumed = ok(launch(args + ["dpo.precompute_ref=true", "distributed.strategy=fsdp"], nproc=2))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_losses(single / "dpo", tmp_path / "dpo")
+
+
+def test_batch_that_does_not_split_across_processes_is_one_line_error(single, tmp_path):
+    r = launch([*PRETRAIN, "--out", str(tmp_path / "x"), "train.batch_size=6", "train.grad_accum_steps=2"], nproc=2)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert lines and "divisible by grad_accum_steps x processes" in lines[0]  # (torchrun adds its own report)
+
+
+# ---- in-process checks of the pieces ---------------------------------------------------------------------
+def test_rank_slices_of_a_step_are_the_one_process_batch():
+    from llama4dpo.data.lm import TokenStream
+    from llama4dpo.train.batches import ExampleBatches, StreamBatches
+    from llama4dpo.train.distributed import Dist
+
+    examples = [{"i": i} for i in range(11)]
+    collate = lambda ex: {"ids": torch.tensor([e["i"] for e in ex])}  # noqa: E731
+    whole = ExampleBatches(examples, collate, 4, 2, seed=3)
+    stream = TokenStream(torch.arange(500), block_size=8)
+    for world in (2, 4):
+        ranks = [Dist(rank=r, world=world) for r in range(world)]
+        shards = [ExampleBatches(examples, collate, 4, 2, seed=3, rows=d.rows(4)) for d in ranks]
+        sshards = [StreamBatches(stream, 4, seed=5, rows=d.rows(4)) for d in ranks]
+        for step in range(4):
+            for micro in range(2):
+                got = torch.cat([s(step, micro)["ids"] for s in shards])
+                assert got.tolist() == whole(step, micro)["ids"].tolist()
+                rows = torch.cat([s(step, micro)["input_ids"] for s in sshards])
+                assert torch.equal(rows, StreamBatches(stream, 4, seed=5)(step, micro)["input_ids"])
+
+
+def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(tmp_path, monkeypatch):
+    """Micro-batches before the last skip DDP's gradient all-reduce (no_sync): the number of all-reduced
+    buckets per optimizer step is the same with 4 micro-batches as with 1."""
+    from llama4dpo import Config, LlamaModel
+    from llama4dpo.data import collate_sft
+    from llama4dpo.train.batches import ExampleBatches
+    from llama4dpo.train.distributed import Dist
+    from llama4dpo.train.objectives import LanguageModeling
+    from llama4dpo.train.trainer import Trainer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(Dist, "enabled", property(lambda self: True))  # a real DDP over a 1-rank group
+        examples = [{"prompt_ids": [1, 5 + i % 7], "chosen_ids": [6, 7 + i % 5, 2]} for i in range(16)]
+        calls = {}
+        for accum in (1, 4):
+            cfg = Config.load(TINY, ["model.vocab_size=20", f"train.grad_accum_steps={accum}", "train.batch_size=8"])
+            model = LlamaModel(cfg.model).init_weights(seed=0)
+            batches = ExampleBatches(examples, lambda ex: collate_sft(ex, 0), 8 // accum, accum, seed=0)
+            trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path / str(accum),
+                              device=torch.device("cpu"), show_progress=False, dist=Dist(strategy="ddp"))
+            count = [0]
+
+            def hook(state, bucket):
+                count[0] += 1
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+            trainer.engine.register_comm_hook(None, hook)
+            trainer.train_step()
+            calls[accum] = count[0]
+        assert calls[1] >= 1 and calls[4] == calls[1]
+    finally:
+        dist.destroy_process_group()
