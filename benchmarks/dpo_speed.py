@@ -108,6 +108,9 @@ SETTINGS = {
     "ours-bf16":          dict(side="ours", precision="bf16", gc=False, preref=False),
     "ours-fp32-preref":   dict(side="ours", precision="fp32", gc=False, preref=True),
     "ours-bf16-preref":   dict(side="ours", precision="bf16", gc=False, preref=True),
+    # train.compile=true: every block through torch.compile (6 untimed steps first: compilation, recompiles)
+    "ours-bf16-compile":  dict(side="ours", precision="bf16", gc=False, preref=False, compile=True),
+    "ours-bf16-preref-compile": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True),
     "trl-fp32":           dict(side="trl", precision="fp32", gc=False, preref=False),
     "trl-default":        dict(side="trl", precision="bf16", gc=True, preref=False),   # TRL's own defaults
     "trl-bf16":           dict(side="trl", precision="bf16", gc=False, preref=False),
@@ -124,7 +127,8 @@ def describe(name: str) -> str:
     s = SETTINGS[name]
     side = {"ours": "llama4dpo Trainer", "trl": "TRL DPOTrainer", "hf": "transformers + hand-written DPO"}[s["side"]]
     prec = "fp32" if s["precision"] == "fp32" else "bf16 autocast"
-    extra = (", grad ckpt" if s["gc"] else "") + (", precomputed ref" if s["preref"] else "")
+    extra = (", grad ckpt" if s["gc"] else "") + (", precomputed ref" if s["preref"] else "") + \
+        (", torch.compile" if s.get("compile") else "")
     return f"{side} ({prec}{extra})"
 
 
@@ -364,7 +368,7 @@ def _dpo_ours(spec, s):
     cfg = Config.load_json(Path(spec["ckpt"]) / "config.json")
     cfg.train = TrainConfig(batch_size=spec["pairs"], grad_accum_steps=1, precision=s["precision"],
                             device=spec["device"], lr=1e-6, warmup_steps=0, max_steps=n_steps, weight_decay=0.0,
-                            grad_clip=1.0, seed=spec["seed"])
+                            grad_clip=1.0, seed=spec["seed"], compile=s.get("compile", False))
     cfg.dpo = DPOConfig(beta=0.1, precompute_ref=s["preref"])
     cfg.validate()
     examples = make_examples(spec["pairs"] * n_steps, spec["seq"], cfg.model.vocab_size, spec["seed"])
@@ -381,6 +385,9 @@ def _dpo_ours(spec, s):
         objective = Preference(cfg.dpo, reference=reference)
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
+    for _ in range(6 if s.get("compile") else 0):  # compile (and recompile for new shapes) before timing
+        trainer.train_step()
+    trainer.step = 0
     clock, tokens = StepClock(device), 0
     for _ in range(n_steps):
         out = trainer.train_step()
@@ -701,7 +708,7 @@ def main():
     elif args.quick or cuda:
         extra = []
     else:
-        extra = ["ours-fp32-preref", "ours-bf16-preref", "trl-bf16", "trl-default-preref"]
+        extra = ["ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "trl-bf16", "trl-default-preref"]
     for name in settings + extra:
         if name not in SETTINGS:
             p.error(f"unknown setting {name!r} (choices: {', '.join(SETTINGS)})")

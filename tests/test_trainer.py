@@ -75,3 +75,19 @@ def test_nan_guard_stops_with_message_and_leaves_weights(tmp_path):
         trainer.fit()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_losses(tmp_path):
+    """train.compile=true compiles every block in place: same parameter names, same losses (to float noise)."""
+    losses = {}
+    for flag in ("false", "true"):
+        cfg = Config.load("configs/tiny.toml", CFG + [f"train.compile={flag}", "train.batch_size=4"])
+        model = LlamaModel(cfg.model).init_weights(seed=0)
+        names = [n for n, _ in model.named_parameters()]
+        batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 1, seed=0)
+        trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path / flag, device=torch.device("cpu"),
+                          show_progress=False)
+        losses[flag] = [trainer.train_step()["loss"] for _ in range(3)]
+        assert [n for n, _ in model.named_parameters()] == names
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

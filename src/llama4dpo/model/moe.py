@@ -32,8 +32,8 @@ class FeedForward(nn.Module):
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return True
+    if x.device.type == "cpu":  # any dtype in eager; torch.compile's shape rules accept bf16 only
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     # CUDA grouped GEMM kernels need bf16 and a Hopper-class (sm90+) card.
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 

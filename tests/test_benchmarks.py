@@ -1,0 +1,19 @@
+"""The GPU benchmark script keeps working: its CPU smoke mode runs the whole comparison on a tiny model."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_gpu_script_smoke_mode_runs_and_prints_the_tables(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for heading in ("### DPO training step", "### Model forward + backward alone", "### Generation"):
+        assert heading in r.stdout
+    assert "llama4dpo Trainer" in r.stdout
+    assert (tmp_path / "gpu_dpo_speed.md").is_file() and (tmp_path / "gpu_dpo_speed.json").is_file()
