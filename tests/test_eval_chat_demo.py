@@ -13,7 +13,7 @@ from llama4dpo.repl import chat_session
 TINY = ["--config", "tiny", "--data", "builtin:assistant", "--quiet"]
 EVAL_KEYS = {"pairs", "reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
              "logps_rejected", "dpo_loss", "prompts", "samples_per_prompt", "reward_policy", "reward_reference",
-             "win_rate", "kl", "examples"}
+             "win_rate", "kl", "kl_median", "examples"}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,18 @@ def test_demo_quick_writes_summary(tmp_path):
     for key in ("reward_reference", "reward_policy", "win_rate", "kl", "reward_accuracy", "seconds"):
         assert isinstance(summary[key], float), key
     assert (tmp_path / "demo" / "dpo" / "plots" / "rewards_accuracies.png").is_file()
+
+
+def test_kl_per_answer_is_zero_against_itself_and_not_against_another_model():
+    from llama4dpo import Config, LlamaModel
+    from llama4dpo.evaluate import kl_per_answer
+    from llama4dpo.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["abc def ghi?"])
+    cfg = Config.load("tiny", [f"model.vocab_size={tok.vocab_size}"]).model
+    a, b = LlamaModel(cfg).init_weights(seed=0).eval(), LlamaModel(cfg).init_weights(seed=1).eval()
+    prompts = ["abc", "def?", "g"]
+    same = kl_per_answer(a, a, tok, prompts, 6)
+    assert len(same) == 3 and all(abs(x) < 1e-5 for x in same)
+    other = kl_per_answer(a, b, tok, prompts, 6)
+    assert len(other) == 3 and all(abs(x) > 1e-3 for x in other)

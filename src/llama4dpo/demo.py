@@ -51,7 +51,8 @@ def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False)
     pref = preference_metrics(policy, reference, data.eval, tokenizer.pad_id, dcfg.dpo)
     summary = {
         "reward_reference": gt["reward_reference"], "reward_policy": gt["reward_policy"],
-        "win_rate": gt["win_rate"], "kl": gt["kl"], "reward_accuracy": pref["reward_accuracy"],
+        "win_rate": gt["win_rate"], "kl": gt["kl"], "kl_median": gt["kl_median"],
+        "reward_accuracy": pref["reward_accuracy"],
         "reward_margin": pref["reward_margin"], "heldout_prompts": gt["prompts"], "heldout_pairs": pref["pairs"],
         "seconds": round(time.perf_counter() - start, 1), "examples": gt["examples"],
     }
@@ -74,6 +75,7 @@ def report(s: dict) -> str:
              f"| ground-truth reward (0-1) | {s['reward_reference']:.3f} | {s['reward_policy']:.3f} |",
              f"| win rate vs reference | | {s['win_rate']:.3f} |",
              f"| KL(policy ‖ reference), nats/answer | | {s['kl']:.3f} |",
+             f"| KL per answer, median | | {s['kl_median']:.3f} |",
              f"| implicit-reward accuracy on pairs | | {s['reward_accuracy']:.3f} |",
              f"| implicit-reward margin | | {s['reward_margin']:.3f} |",
              f"\n{s['heldout_prompts']} held-out prompts, {s['heldout_pairs']} held-out pairs, {s['seconds']:.0f} s\n",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+import statistics
+
 import torch
 
 from .data.chat import HUMAN
@@ -60,10 +62,12 @@ def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
 
 
 @torch.no_grad()
-def kl_on_policy_samples(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
-                         batch_size: int = 32) -> float:
-    """Monte-Carlo KL(pi || pi_ref) over whole responses sampled from pi."""
-    total, n = 0.0, 0
+def kl_per_answer(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
+                  batch_size: int = 32) -> list[float]:
+    """log pi(y|x) - log pi_ref(y|x) for one answer y ~ pi per prompt: their mean is the Monte-Carlo
+    KL(pi || pi_ref). A rare long answer the reference finds absurd can dominate the mean (hundreds of
+    nats), so the median is reported beside it."""
+    out: list[float] = []
     device = next(model.parameters()).device
     s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     for lo in range(0, len(prompts), batch_size):
@@ -78,9 +82,8 @@ def kl_on_policy_samples(model, reference, tokenizer, prompts: list[str], max_ne
             labels[i, len(p):len(p) + len(r)] = torch.tensor(r, device=device)
         lp_policy, _ = sequence_logps(model(ids), labels)
         lp_ref, _ = sequence_logps(reference(ids), labels)
-        total += (lp_policy - lp_ref).sum().item()
-        n += len(rows)
-    return total / max(n, 1)
+        out += (lp_policy - lp_ref).tolist()
+    return out
 
 
 def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score, max_new_tokens: int = 48,
@@ -95,6 +98,7 @@ def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score,
     s_pol = [score(p, r) for p, r in zip(many, policy)]
     s_ref = [score(p, r) for p, r in zip(many, ref)]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_pol, s_ref))
+    kls = kl_per_answer(model, reference, tokenizer, prompts, max_new_tokens, seed=seed)
     n = max(len(many), 1)
     return {
         "prompts": len(prompts),
@@ -102,7 +106,8 @@ def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score,
         "reward_policy": sum(s_pol) / n,
         "reward_reference": sum(s_ref) / n,
         "win_rate": wins / n,
-        "kl": kl_on_policy_samples(model, reference, tokenizer, prompts, max_new_tokens, seed=seed),
+        "kl": sum(kls) / max(len(kls), 1),
+        "kl_median": statistics.median(kls) if kls else 0.0,
         "examples": [{"prompt": many[i], "reference": ref[i], "policy": policy[i], "score_reference": s_ref[i],
                       "score_policy": s_pol[i]} for i in _spread(len(prompts), show, samples)],
     }
