@@ -40,11 +40,12 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group, `counts[e]` rows for group e: returns the stacked x[rows of e] @ w[e]."""
-    # Without autograd on CPU (decoding: a few tokens, most experts empty) one product per non-empty
-    # expert beats grouped_mm, which visits every group. With autograd, w[e] would cost a full-size
-    # gradient per expert, so training keeps the single grouped product.
+    # Decoding on CPU (a few rows, most experts empty, no autograd): one product per non-empty expert
+    # beats grouped_mm, which visits every group. For many rows grouped_mm is faster (fp32, 2048 rows,
+    # 8 experts: 6.9 vs 7.7 ms); with autograd, w[e] would cost a full-size gradient per expert.
     no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-    if _grouped_mm_ok(x) and not (no_grad and x.device.type == "cpu"):
+    decoding = no_grad and x.device.type == "cpu" and len(x) < 64
+    if _grouped_mm_ok(x) and not decoding:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     outs = [xe @ w[e] for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]  # one product per expert
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
