@@ -93,6 +93,25 @@ def test_checkpoints_move_between_two_processes_and_one(single, tmp_path):
     assert_same_losses(single / "dpo", tmp_path / "dpo")
 
 
+def test_two_torchrun_agents_meet_like_two_nodes(single, tmp_path):
+    """The multi-node command of README (c10d rendezvous, one agent per node), with both "nodes" on this host."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    env.pop("LLAMA4DPO_FAULT", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "nodes",
+           "-m", "llama4dpo", *PRETRAIN, "--out", str(tmp_path / "pre")]
+    agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    assert_same_losses(single / "pre", tmp_path / "pre")
+
+
 def test_batch_that_does_not_split_across_processes_is_one_line_error(single, tmp_path):
     r = launch([*PRETRAIN, "--out", str(tmp_path / "x"), "train.batch_size=6", "train.grad_accum_steps=2"], nproc=2)
     assert r.returncode != 0
