@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..errors import UserError
 
-STRATEGIES = ("ddp", "fsdp")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
