@@ -10,7 +10,6 @@ mean over prompts of sum_t [log pi(y_t) - log pi_ref(y_t)] for y ~ pi (temperatu
 from __future__ import annotations
 
 import functools
-
 import statistics
 
 import torch

@@ -38,13 +38,16 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
+FEW_ROWS = 64  # below this, CPU decoding takes per-expert products; at and above, bf16 groups are padded to it
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by group, `counts[e]` rows for group e: returns the stacked x[rows of e] @ w[e]."""
     # Decoding on CPU (a few rows, most experts empty, no autograd): one product per non-empty expert
     # beats grouped_mm, which visits every group. For many rows grouped_mm is faster (fp32, 2048 rows,
     # 8 experts: 6.9 vs 7.7 ms); with autograd, w[e] would cost a full-size gradient per expert.
     no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-    decoding = no_grad and x.device.type == "cpu" and len(x) < 64
+    decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
     if _grouped_mm_ok(x) and not decoding:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     outs = [xe @ w[e] for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]  # one product per expert
@@ -67,7 +70,7 @@ class ExpertMLP(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's op list
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= 64:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= FEW_ROWS:
             return self._padded(x, counts, gate_up, down)
         return self._swiglu(x, counts, gate_up, down)
 
@@ -75,10 +78,10 @@ class ExpertMLP(nn.Module):
         gate, up = grouped_matmul(x, gate_up, counts).split(self.hidden, dim=-1)
         return grouped_matmul(F.silu(gate) * up, down, counts)
 
-    def _padded(self, x, counts, gate_up, down, multiple: int = 64):
-        """CPU bf16 (all but decoding): oneDNN builds (and caches) a kernel per distinct group size, so with counts
-        that change every step it keeps compiling and its cache grows. Rounding every group up to a
-        multiple of 64 rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
+    def _padded(self, x, counts, gate_up, down, multiple: int = FEW_ROWS):
+        """CPU bf16 (all but decoding): oneDNN builds (and caches) a kernel per distinct group size, so
+        with counts that change every step it keeps compiling and its cache grows. Rounding every group up
+        to a multiple of 64 rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
         padded = (counts + multiple - 1) // multiple * multiple
         e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)  # expert of each row
         dest = (padded.cumsum(0) - padded)[e] + torch.arange(len(x), device=x.device) - (counts.cumsum(0) - counts)[e]

@@ -1,7 +1,7 @@
 """More than one process: torchrun's environment, PyTorch's DDP or FSDP2, and full-state checkpoints.
 
     torchrun --nproc-per-node N -m llama4dpo dpo ...        # one node
-    torchrun --nnodes M --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node N -m llama4dpo dpo ...
+    torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m llama4dpo dpo ...
 
 `train.batch_size` is the global batch: every optimizer step sees the same examples, in the same order,
 whatever the number of processes. Each micro-batch of the one-process run is cut into `world` contiguous
@@ -62,12 +62,11 @@ class Dist:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
         return cls(rank, world, local_rank, strategy)
 
-    def device(self, name: str) -> torch.device:
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.enabled and name == "cuda":
+    def place(self, device: torch.device) -> torch.device:
+        """This rank's own GPU for a plain "cuda" device."""
+        if self.enabled and device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_rank)
-        return torch.device(name)
+        return device
 
     def check_batch(self, batch_size: int, accum: int) -> None:
         if batch_size % (accum * self.world):
@@ -104,14 +103,11 @@ class Dist:
 
     def grad_sync(self, engine, sync: bool):
         """Context for one micro-batch's backward: all-reduce gradients only when `sync` (the last one)."""
-        if not self.enabled or sync:
-            if self.strategy == "fsdp" and self.enabled:
-                engine.set_requires_gradient_sync(True)
-            return contextlib.nullcontext()
-        if self.strategy == "fsdp":
-            engine.set_requires_gradient_sync(False)
-            return contextlib.nullcontext()
-        return engine.no_sync()
+        if self.enabled and self.strategy == "fsdp":
+            engine.set_requires_gradient_sync(sync)
+        elif self.enabled and not sync:
+            return engine.no_sync()
+        return contextlib.nullcontext()
 
     # ---- data and metrics ------------------------------------------------------------------------------
     def rows(self, n: int) -> slice:

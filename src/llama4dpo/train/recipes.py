@@ -19,7 +19,7 @@ from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
 from .run_dir import prepare_run_dir
-from .trainer import Trainer, autocast
+from .trainer import Trainer, autocast, resolve_device
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -43,7 +43,7 @@ def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
     dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps)
     if dist.enabled and show and dist.is_main:
         print(f"{dist.world} processes, {dist.strategy}; batch_size {cfg.train.batch_size} is the global batch")
-    return dist, dist.device(cfg.train.device), show and dist.is_main
+    return dist, dist.place(resolve_device(cfg.train.device)), show and dist.is_main
 
 
 def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> Path:
@@ -181,7 +181,7 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
     reference = load_model(ref, device)
     reference.requires_grad_(False)
-    if dist.enabled and cfg.distributed.strategy == "fsdp":
+    if dist.enabled and dist.strategy == "fsdp":
         dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
     if cfg.dpo.precompute_ref:
         # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.

@@ -157,7 +157,7 @@ class Trainer:
                 fault_point("eval", self.step)
             batch = to_device(batch, self.device)
             with autocast(self.t, self.device):  # every rank evaluates every batch: no reduction needed
-                out = self.eval_objective(self.engine if self.dist.strategy == "fsdp" else self.model, batch)
+                out = self.eval_objective(self.model, batch)  # (FSDP2 shards the model in place)
             units += out.units
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
