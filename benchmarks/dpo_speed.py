@@ -111,6 +111,9 @@ SETTINGS = {
     # train.compile=true: every block through torch.compile (6 untimed steps first: compilation, recompiles)
     "ours-bf16-compile":  dict(side="ours", precision="bf16", gc=False, preref=False, compile=True),
     "ours-bf16-preref-compile": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True),
+    # dpo.share_prompt=false: [chosen; rejected] rows, the prompt computed twice (the layout TRL uses)
+    "ours-fp32-unshared": dict(side="ours", precision="fp32", gc=False, preref=False, share=False),
+    "ours-bf16-unshared": dict(side="ours", precision="bf16", gc=False, preref=False, share=False),
     "trl-fp32":           dict(side="trl", precision="fp32", gc=False, preref=False),
     "trl-default":        dict(side="trl", precision="bf16", gc=True, preref=False),   # TRL's own defaults
     "trl-bf16":           dict(side="trl", precision="bf16", gc=False, preref=False),
@@ -128,7 +131,7 @@ def describe(name: str) -> str:
     side = {"ours": "llama4dpo Trainer", "trl": "TRL DPOTrainer", "hf": "transformers + hand-written DPO"}[s["side"]]
     prec = "fp32" if s["precision"] == "fp32" else "bf16 autocast"
     extra = (", grad ckpt" if s["gc"] else "") + (", precomputed ref" if s["preref"] else "") + \
-        (", torch.compile" if s.get("compile") else "")
+        (", torch.compile" if s.get("compile") else "") + (", no prefix sharing" if s.get("share") is False else "")
     return f"{side} ({prec}{extra})"
 
 
@@ -220,16 +223,17 @@ def make_examples(n_pairs: int, seq: int, vocab: int, seed: int) -> list[dict]:
              "rejected_ids": draw(r_len - 1) + [EOS]} for _ in range(n_pairs)]
 
 
-def _collate_preference():
+def _collate_preference(shared: bool = False):
+    """collate_preference ([chosen; rejected] rows), or collate_preference_shared (one prefix-shared row per pair)."""
+    name = "collate_preference_shared" if shared else "collate_preference"
     try:
-        from llama4dpo.data.collate import collate_preference
+        import llama4dpo.data.collate as mod
     except ImportError:  # data/__init__ pulls datasets etc.; the collator itself only needs torch
         import importlib.util
         spec = importlib.util.spec_from_file_location("_l4d_collate", SRC / "llama4dpo" / "data" / "collate.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        collate_preference = mod.collate_preference
-    return collate_preference
+    return getattr(mod, name)
 
 
 def char_tokenizer(vocab: int):
@@ -349,6 +353,11 @@ def worker(spec: dict) -> dict:
                median_all_s=statistics.median(times[w:]),
                rss_base_mb=rss0 / 2**20, rss_peak_mb=_peak_rss_bytes() / 2**20)
     out["rss_train_mb"] = out["rss_peak_mb"] - out["rss_base_mb"]
+    # tokens actually run through the model: with prefix sharing our rows hold each prompt once
+    st = SETTINGS[spec["setting"]]
+    prompt = spec["seq"] // 2
+    out["computed_tokens"] = spec["pairs"] * (2 * spec["seq"] - prompt) if st["side"] == "ours" and \
+        st.get("share", True) else tokens
     if spec["device"].startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -369,10 +378,10 @@ def _dpo_ours(spec, s):
     cfg.train = TrainConfig(batch_size=spec["pairs"], grad_accum_steps=1, precision=s["precision"],
                             device=spec["device"], lr=1e-6, warmup_steps=0, max_steps=n_steps, weight_decay=0.0,
                             grad_clip=1.0, seed=spec["seed"], compile=s.get("compile", False))
-    cfg.dpo = DPOConfig(beta=0.1, precompute_ref=s["preref"])
+    cfg.dpo = DPOConfig(beta=0.1, precompute_ref=s["preref"], share_prompt=s.get("share", True))
     cfg.validate()
     examples = make_examples(spec["pairs"] * n_steps, spec["seq"], cfg.model.vocab_size, spec["seed"])
-    collate = functools.partial(_collate_preference(), pad_id=PAD)
+    collate = functools.partial(_collate_preference(cfg.dpo.share_prompt), pad_id=PAD)
     batches = ExampleBatches(examples, collate, spec["pairs"], 1, spec["seed"])
     model = load_model(spec["ckpt"], device).train()
     reference = load_model(spec["ckpt"], device).requires_grad_(False)
@@ -388,12 +397,13 @@ def _dpo_ours(spec, s):
     for _ in range(6 if s.get("compile") else 0):  # compile (and recompile for new shapes) before timing
         trainer.train_step()
     trainer.step = 0
-    clock, tokens = StepClock(device), 0
+    clock = StepClock(device)
     for _ in range(n_steps):
-        out = trainer.train_step()
+        trainer.train_step()
         clock.tick()
-        tokens = out["tokens"]
-    return clock.times, clock.others, tokens
+    # the same count on every side: prompt+chosen and prompt+rejected rows (equal-length rows, no padding),
+    # whether or not our rows hold the prompt once (prefix sharing)
+    return clock.times, clock.others, 2 * spec["pairs"] * spec["seq"]
 
 
 def _load_hf(hf_dir, device):
@@ -889,7 +899,7 @@ def render(res: dict) -> str:
                 continue
             s = SETTINGS[r["setting"]]
             n = res["models"][E]["flop_params"]
-            flops = (6 + (0 if s["preref"] else 2)) * n * r["tokens_per_step"] / r["step_s"]
+            flops = (6 + (0 if s["preref"] else 2)) * n * r.get("computed_tokens", r["tokens_per_step"]) / r["step_s"]
             base = next((b for b in ok if b["experts"] == E and b["setting"] == base_name), None)
             vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
             mem = f"{r['cuda_peak_mb']:,.0f}" if cuda else f"{r['rss_peak_mb']:,.0f} | {r['rss_train_mb']:,.0f}"
@@ -959,8 +969,12 @@ def render(res: dict) -> str:
               "not counted in the step. Memory: " +
               ("torch.cuda.max_memory_allocated per process." if cuda else
                "peak RSS (getrusage) of the setting's own process; train RSS = peak minus the RSS after imports.") +
-              " Model FLOPs: (6 + 2 for the reference forward) x N x tokens, N = active parameters without the "
-              "input embedding; the same useful FLOPs are credited to both sides. MFU = model FLOP/s / the matmul "
+              " Model FLOPs: (6 + 2 for the reference forward) x N x tokens run through the model, N = active "
+              "parameters without the input embedding; the same useful FLOPs per token are credited to both sides "
+              "(not the dense all-experts work transformers does). With prefix sharing (our default, "
+              "dpo.share_prompt) a pair is one row [prompt | chosen | rejected], so fewer tokens run through the "
+              "model (P + C + R instead of 2P + C + R) and fewer FLOPs are credited; tokens/s counts 2P + C + R "
+              "on every side. MFU = model FLOP/s / the matmul "
               "peak of that precision measured above."]
     if not cuda:
         lines += ["", f"The machine is shared ({os.cpu_count()} cores; 1-minute load average {res['load_start']:.1f} "

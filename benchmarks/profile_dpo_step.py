@@ -65,7 +65,8 @@ def main():
                             warmup_steps=0, max_steps=n, weight_decay=0.0)
     cfg.dpo = DPOConfig(precompute_ref=args.preref)
     examples = make_examples(P["pairs"] * n, P["seq"], cfg.model.vocab_size, 0)
-    batches = ExampleBatches(examples, functools.partial(_collate_preference(), pad_id=PAD), P["pairs"], 1, 0)
+    batches = ExampleBatches(examples, functools.partial(_collate_preference(cfg.dpo.share_prompt), pad_id=PAD),
+                             P["pairs"], 1, 0)
     model = load_model(ckpt, device).train()
     ref = load_model(ckpt, device).requires_grad_(False)
     if args.preref:

@@ -226,6 +226,7 @@ class DPOConfig:
     gamma: float = 0.0               # SimPO target margin only
     sft_weight: float = 0.0          # RPO-style NLL term on the chosen response
     precompute_ref: bool = False     # reference log-probs computed once, cached; no reference model in memory
+    share_prompt: bool = True        # one row [prompt | chosen | rejected] per pair: the prompt computed once
 
     def validate(self) -> None:
         if self.loss_type not in ("sigmoid", "robust", "ipo", "hinge", "simpo"):

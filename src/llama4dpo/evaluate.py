@@ -18,14 +18,14 @@ from .data.chat import HUMAN
 from .generate import Sampling, generate, generate_ids
 from .losses import sequence_logps
 from .train.batches import ExampleBatches
-from .train.objectives import Preference
+from .train.objectives import Preference, pair_logps
 
 
 @torch.no_grad()
 def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_size: int = 16) -> dict:
-    from .data import collate_preference
+    from .data import collate_preference, collate_preference_shared
 
-    collate = functools.partial(collate_preference, pad_id=pad_id)
+    collate = functools.partial(collate_preference_shared if dpo_cfg.share_prompt else collate_preference, pad_id=pad_id)
     batches = ExampleBatches(examples, collate, batch_size, 1, 0).fixed()
     objective = Preference(dpo_cfg, reference=reference)
     sums, n = {}, 0
@@ -46,12 +46,12 @@ def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_s
 def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
     """Without a reference: mean summed log-probs of chosen and rejected responses, and how often the
     policy already prefers the chosen one."""
-    from .data import collate_preference
+    from .data import collate_preference_shared
 
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    for b in ExampleBatches(examples, functools.partial(collate_preference, pad_id=pad_id), batch_size, 1, 0).fixed():
-        lp, _ = sequence_logps(model(b["input_ids"].to(device)), b["labels"].to(device))
+    for b in ExampleBatches(examples, functools.partial(collate_preference_shared, pad_id=pad_id), batch_size, 1, 0).fixed():
+        lp, _ = pair_logps(model, {k: v.to(device) for k, v in b.items()})
         B = lp.shape[0] // 2
         chosen += lp[:B].tolist()
         rejected += lp[B:].tolist()

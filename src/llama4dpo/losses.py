@@ -26,9 +26,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     logits (N, T, V), labels (N, T) UNSHIFTED with -100 on prompt and padding -> (N, T-1) each.
     The log-softmax is taken in fp32 once; only the label's entry is kept (gather), never a second copy.
     """
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
-    safe = labels.masked_fill(~mask, 0)
+    return target_logps(logits[:, :-1], labels[:, 1:])
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets[i]) under logits[i], already aligned (no shift): (N, M, V), (N, M) -> (N, M) each,
+    0 and False where the target is -100."""
+    mask = targets != IGNORE
+    safe = targets.masked_fill(~mask, 0)
     logits = logits.float()
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)
@@ -39,6 +44,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """(summed response log-prob, number of response tokens) per row: (N,), (N,)."""
     logps, mask = token_logps(logits, labels)
     return logps.sum(-1), mask.sum(-1)
+
+
+def shared_prompt_logps(logits: torch.Tensor, targets: torch.Tensor,
+                        branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix-shared rows (one row per pair, see collate_preference_shared): logits (B, M, V) at the
+    positions predicting targets (B, M); branch (B, M) is 1 for chosen, 2 for rejected tokens.
+    -> (summed log-prob, token count), each (2B,) with the chosen rows first, as `sequence_logps` gives
+    for the [chosen; rejected] layout."""
+    logps, mask = target_logps(logits, targets)
+    sums = torch.cat([(logps * (branch == 1)).sum(-1), (logps * (branch == 2)).sum(-1)])
+    counts = torch.cat([(mask & (branch == 1)).sum(-1), (mask & (branch == 2)).sum(-1)])
+    return sums, counts
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

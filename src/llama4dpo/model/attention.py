@@ -75,10 +75,15 @@ class Attention(nn.Module):
         dtype = q.dtype
         if q.device.type == "cpu" and dtype == torch.bfloat16:  # CPU's bf16 SDPA kernels run ~2x slower than fp32
             q, k, v = q.float(), k.float(), v.float()
+        gqa = self.n_kv_heads != self.n_heads  # kv head j serves query heads j*g .. j*g+g-1
+        if gqa and mask is not None and q.device.type == "cuda":
+            # CUDA's kernel for masked attention (memory-efficient) takes no GQA: SDPA would fall back to its
+            # unfused math path. Expanding the kv heads keeps the fused kernel.
+            g = self.n_heads // self.n_kv_heads
+            k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim),
-            enable_gqa=self.n_kv_heads != self.n_heads)  # kv head j serves query heads j*g .. j*g+g-1
+            dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim), enable_gqa=gqa)
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def init_weights(self, std: float) -> None:
@@ -109,4 +114,28 @@ def attention_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Ten
     if chunk_size is not None:
         same = (q_pos[:, :, None] // chunk_size) == (k_pos[:, None, :] // chunk_size)
         chunked = ((causal & same) | diag)[:, None]
+    return full, chunked
+
+
+def shared_prefix_masks(positions: torch.Tensor, segments: torch.Tensor,
+                        chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(full, chunked) boolean masks (B, 1, S, S) for rows that pack one prefix and its branches.
+
+    segments (B, S): 0 = the shared prefix (a prompt), k >= 1 = branch k (a response), -1 = padding.
+    A token sees, causally by index, the prefix and its own branch, never another branch: the row
+    [prompt | chosen | rejected] then computes exactly what the rows [prompt | chosen] and
+    [prompt | rejected] compute apart (prefix sharing), with each branch's positions restarting after
+    the prompt. Chunking compares positions, as in `attention_masks`.
+    """
+    S = segments.shape[1]
+    idx = torch.arange(S, device=segments.device)
+    causal = (idx[None, :] <= idx[:, None])[None]  # (1, S, S): key index <= query index
+    sq, sk = segments[:, :, None], segments[:, None, :]
+    visible = causal & (sk >= 0) & ((sk == 0) | (sk == sq))
+    diag = (idx[None, :] == idx[:, None])[None]
+    full = (visible | diag)[:, None]
+    chunked = None
+    if chunk_size is not None:
+        same = (positions[:, :, None] // chunk_size) == (positions[:, None, :] // chunk_size)
+        chunked = ((visible & same) | diag)[:, None]
     return full, chunked

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, KVCache, attention_masks
+from .attention import Attention, KVCache, attention_masks, shared_prefix_masks
 from .moe import MoE, FeedForward
 from .norm import RMSNorm
 from .rope import RotaryPositionalEmbedding
@@ -67,13 +67,16 @@ class LlamaModel(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                logit_index: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
         """input_ids (B, S) -> logits (B, S, V), or the final hidden states (B, S, D) with return_hidden.
 
         attention_mask (B, S_past + S), 1 for real tokens, 0 for (left) padding. Positions default to
         the count of real tokens before each one, so a left-padded row computes what it would alone.
         With a cache, the new tokens are appended to it and attend to everything cached.
+        segment_ids (B, S) with position_ids: rows that pack a prompt (0) and its responses (1, 2; -1 pads),
+        see `shared_prefix_masks`. logit_index (B, M): logits only at these indices, (B, M, V).
         """
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -82,7 +85,10 @@ class LlamaModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + S]
             else:
                 position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
-        masks = self._masks(position_ids, attention_mask, cache, S)
+        if segment_ids is not None:
+            masks = shared_prefix_masks(position_ids, segment_ids, self.cfg.attention_chunk_size)
+        else:
+            masks = self._masks(position_ids, attention_mask, cache, S)
         rope = self.rotary_emb(position_ids)
 
         x = self.embed_tokens(input_ids)  # (B, S, D); Llama 4 does not scale embeddings
@@ -91,6 +97,8 @@ class LlamaModel(nn.Module):
         x = self.norm(x)
         if cache is not None:
             cache.length += S
+        if logit_index is not None:  # only the positions that are scored: no LM head on the others
+            x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, M, D)
         return x if return_hidden else self.lm_head(x)
 
     def _masks(self, position_ids, attention_mask, cache, S):

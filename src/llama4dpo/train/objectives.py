@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DPOConfig
-from ..losses import LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, token_logps
+from ..losses import (LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, shared_prompt_logps,
+                      token_logps)
 
 
 @dataclass
@@ -38,8 +39,23 @@ class LanguageModeling:
         return StepOutput(loss_sum, int(mask.sum()), {"loss": loss_sum.item()})
 
 
+def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts, (2B,) each, chosen rows first, from a batch of
+    either layout: [chosen; rejected] rows (collate_preference) or one prefix-shared row per pair
+    (collate_preference_shared)."""
+    if "segment_ids" in batch:
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+                       logit_index=batch["logit_index"])
+        return shared_prompt_logps(logits, batch["targets"], batch["branch"])
+    return sequence_logps(model(batch["input_ids"]), batch["labels"])
+
+
+def n_pairs(batch) -> int:
+    return batch["input_ids"].shape[0] // (1 if "segment_ids" in batch else 2)
+
+
 class Preference:
-    """DPO and its relatives on the concatenated [chosen; rejected] batch: one policy forward, one
+    """DPO and its relatives on a batch of pairs (either layout, see `pair_logps`): one policy forward, one
     reference forward (or a lookup of precomputed reference log-probs)."""
 
     name = "preference"
@@ -53,7 +69,7 @@ class Preference:
             raise ValueError(f"loss_type {cfg.loss_type!r} needs a reference model or precomputed log-probs")
 
     def units(self, batch) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return n_pairs(batch)
 
     def _reference(self, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.cfg.loss_type in REFERENCE_FREE:
@@ -67,12 +83,11 @@ class Preference:
         with torch.no_grad():
             # NOTE: the reference runs before the policy (measured ~10% faster on TRL's side: the policy's
             # activations are not yet held while the reference allocates).
-            return sequence_logps(self.reference(batch["input_ids"]), batch["labels"])
+            return pair_logps(self.reference, batch)
 
     def __call__(self, model, batch) -> StepOutput:
         ref = self._reference(batch)
-        logits = model(batch["input_ids"])
-        logps, n_tokens = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+        logps, n_tokens = pair_logps(model, batch)  # (2B,), (2B,)
         B = logps.shape[0] // 2
         average = self.cfg.loss_type in LENGTH_NORMALISED
         policy = logps / n_tokens.clamp(min=1) if average else logps
@@ -109,7 +124,7 @@ def precompute_reference_logps(reference, batches, n_examples: int, device) -> t
     sums = torch.zeros(n_examples, 2, dtype=torch.float32)
     counts = torch.zeros(n_examples, 2, dtype=torch.long)
     for batch in batches:
-        s, c = sequence_logps(reference(batch["input_ids"].to(device)), batch["labels"].to(device))
+        s, c = pair_logps(reference, {k: v.to(device) for k, v in batch.items()})
         B = s.shape[0] // 2
         idx = batch["index"]
         sums[idx, 0], sums[idx, 1] = s[:B].float().cpu(), s[B:].float().cpu()
