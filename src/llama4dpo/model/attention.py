@@ -56,7 +56,8 @@ class Attention(nn.Module):
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, S, D); rope = (cos, sin) for the S positions; mask: bool (B|1, 1, S, S_kv) where True means
-        "may attend", or None for plain causal attention over exactly these S tokens."""
+        "may attend" (or its additive float form, 0 / -inf), or None for plain causal attention over exactly
+        these S tokens."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
