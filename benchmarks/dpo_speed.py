@@ -718,7 +718,8 @@ def main():
     elif args.quick or cuda:
         extra = []
     else:
-        extra = ["ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "trl-bf16", "trl-default-preref"]
+        extra = ["ours-fp32-unshared", "ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "trl-bf16",
+                 "trl-bf16-preref", "trl-default-preref"]
     for name in settings + extra:
         if name not in SETTINGS:
             p.error(f"unknown setting {name!r} (choices: {', '.join(SETTINGS)})")
