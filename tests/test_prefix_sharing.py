@@ -11,7 +11,7 @@ from llama4dpo.data import collate_preference, collate_preference_shared
 from llama4dpo.losses import shared_prompt_logps
 from llama4dpo.model.attention import shared_prefix_masks
 from llama4dpo.train.batches import ExampleBatches
-from llama4dpo.train.objectives import Preference, pair_logps, precompute_reference_logps
+from llama4dpo.train.objectives import Preference, pair_logps, precompute_reference_logps, sequence_tokens
 from llama4dpo.train.trainer import Trainer
 
 # chunked RoPE layers with a chunk of 4 (rows cross several boundaries), NoPE layers with temperature tuning,
@@ -135,4 +135,8 @@ def test_dpo_training_is_the_same_with_and_without_sharing(tmp_path, precompute)
     for a, b in zip(shared, separate):
         for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "length/chosen"):
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
-    assert shared[-1]["tokens"] < separate[-1]["tokens"]  # the prompt ran through the model once, not twice
+    # tokens_per_s counts the prompt once per response in both layouts (the shared row runs it once)
+    assert [a["tokens"] for a in shared] == [b["tokens"] for b in separate]
+    ex = pairs(3)
+    want = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)
+    assert sequence_tokens(collate_preference_shared(ex, 0)) == sequence_tokens(collate_preference(ex, 0)) == want

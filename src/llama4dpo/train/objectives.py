@@ -50,6 +50,17 @@ def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return sequence_logps(model(batch["input_ids"]), batch["labels"])
 
 
+def sequence_tokens(batch) -> int:
+    """Non-pad tokens of the prompt+response sequences a batch holds, counted as separate rows would hold them:
+    a prefix-shared row counts its prompt once per response. Training's `tokens_per_s` uses this, so it does not
+    change with the layout (nor does it differ from TRL's count of the same pairs)."""
+    if "segment_ids" in batch:
+        return int(batch["attention_mask"].sum()) + int((batch["segment_ids"] == 0).sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
 def n_pairs(batch) -> int:
     return batch["input_ids"].shape[0] // (1 if "segment_ids" in batch else 2)
 

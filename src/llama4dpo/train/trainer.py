@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..faults import fault_point
 from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
+from .objectives import sequence_tokens
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 
 
@@ -125,7 +126,7 @@ class Trainer:
                 loss.backward()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += sequence_tokens(batch)
             for layer, counts in model.expert_load().items():
                 key = f"expert_load/layer_{layer}"
                 sums[key] = [a + b for a, b in zip(sums.get(key, [0] * len(counts)), counts)]
