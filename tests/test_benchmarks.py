@@ -17,3 +17,12 @@ def test_gpu_script_smoke_mode_runs_and_prints_the_tables(tmp_path):
         assert heading in r.stdout
     assert "llama4dpo Trainer" in r.stdout
     assert (tmp_path / "gpu_dpo_speed.md").is_file() and (tmp_path / "gpu_dpo_speed.json").is_file()
+
+
+def test_decode_bound_runs_and_counts_the_experts_it_read():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bound.py"), "--new-tokens", "2",
+                        "--repeat", "1", "--no-write"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 1 | llama4dpo |" in r.stdout and "| 8 | transformers |" in r.stdout
+    # batch 1, top-1: each MoE layer of a decode step reads exactly one expert's weights
+    assert "(1.00 experts per MoE layer per step)" in r.stdout
