@@ -110,11 +110,17 @@ def attention_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Ten
     if k_valid is not None:
         causal = causal & k_valid[:, None, :]
     diag = (k_idx == q_idx)[None]
-    full = (causal | diag)[:, None]
+    return _full_and_chunked(causal, diag, q_pos, k_pos, chunk_size)
+
+
+def _full_and_chunked(visible, diag, q_pos, k_pos, chunk_size):
+    """(B, 1, S, S_kv) masks from the visible pairs: as they are (full layers), and cut at chunk boundaries of
+    the positions (chunked layers); each query always sees itself, so no row is all -inf."""
+    full = (visible | diag)[:, None]
     chunked = None
     if chunk_size is not None:
         same = (q_pos[:, :, None] // chunk_size) == (k_pos[:, None, :] // chunk_size)
-        chunked = ((causal & same) | diag)[:, None]
+        chunked = ((visible & same) | diag)[:, None]
     return full, chunked
 
 
@@ -134,9 +140,4 @@ def shared_prefix_masks(positions: torch.Tensor, segments: torch.Tensor,
     sq, sk = segments[:, :, None], segments[:, None, :]
     visible = causal & (sk >= 0) & ((sk == 0) | (sk == sq))
     diag = (idx[None, :] == idx[:, None])[None]
-    full = (visible | diag)[:, None]
-    chunked = None
-    if chunk_size is not None:
-        same = (positions[:, :, None] // chunk_size) == (positions[:, None, :] // chunk_size)
-        chunked = ((visible & same) | diag)[:, None]
-    return full, chunked
+    return _full_and_chunked(visible, diag, positions, positions, chunk_size)
