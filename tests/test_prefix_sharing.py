@@ -140,3 +140,28 @@ def test_dpo_training_is_the_same_with_and_without_sharing(tmp_path, precompute)
     ex = pairs(3)
     want = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in ex)
     assert sequence_tokens(collate_preference_shared(ex, 0)) == sequence_tokens(collate_preference(ex, 0)) == want
+
+
+def test_segment_ids_refuse_what_they_would_silently_ignore():
+    model = LlamaModel(ModelConfig(**TINY)).init_weights(seed=0).eval()
+    b = collate_preference_shared(pairs(2), pad_id=0)
+    ids, pos, seg = b["input_ids"], b["position_ids"], b["segment_ids"]
+    for kwargs in ({}, {"position_ids": pos, "attention_mask": b["attention_mask"]},
+                   {"position_ids": pos, "cache": model.new_cache(2, ids.shape[1])}):
+        with pytest.raises(ValueError, match="segment_ids"):
+            model(ids, segment_ids=seg, **kwargs)
+
+
+def test_additive_mask_in_another_dtype_than_the_query():
+    """FSDP2's bf16 policy casts a block's float inputs, the additive mask too; CPU attention runs in fp32."""
+    model = LlamaModel(ModelConfig(**TINY)).init_weights(seed=0).eval()
+    b = collate_preference_shared(pairs(3), pad_id=0)
+    pos, seg = b["position_ids"], b["segment_ids"]
+    attn, x = model.layers[0].self_attn.bfloat16(), torch.randn(3, pos.shape[1], 32)
+    rope = model.rotary_emb(pos)
+    bool_mask = shared_prefix_masks(pos, seg, TINY["attention_chunk_size"])[1]
+    additive = torch.zeros(bool_mask.shape).masked_fill_(~bool_mask, -torch.inf)
+    with torch.no_grad():
+        want = attn(x.bfloat16(), rope, pos, bool_mask).float()
+        got = attn(x.bfloat16(), rope, pos, additive.bfloat16()).float()
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

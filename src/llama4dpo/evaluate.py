@@ -45,7 +45,7 @@ def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_s
 @torch.no_grad()
 def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
     """Without a reference: mean summed log-probs of chosen and rejected responses, and how often the
-    policy already prefers the chosen one."""
+    policy already prefers the chosen one (scored in the prefix-shared layout, which gives the same numbers)."""
     from .data import collate_preference_shared
 
     device = next(model.parameters()).device

@@ -82,6 +82,8 @@ class Attention(nn.Module):
             # unfused math path. Expanding the kv heads keeps the fused kernel.
             g = self.n_heads // self.n_kv_heads
             k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # an additive mask cast on the way (e.g. by FSDP2's bf16 policy) must match q
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(self.head_dim), enable_gqa=gqa)

@@ -76,8 +76,11 @@ class LlamaModel(nn.Module):
         the count of real tokens before each one, so a left-padded row computes what it would alone.
         With a cache, the new tokens are appended to it and attend to everything cached.
         segment_ids (B, S) with position_ids: rows that pack a prompt (0) and its responses (1, 2; -1 pads),
-        see `shared_prefix_masks`. logit_index (B, M): logits only at these indices, (B, M, V).
+        see `shared_prefix_masks` (training and scoring only: no attention_mask, no cache). logit_index
+        (B, M): the output only at these indices, (B, M, V) logits or (B, M, D) hidden states.
         """
+        if segment_ids is not None and (position_ids is None or attention_mask is not None or cache is not None):
+            raise ValueError("segment_ids needs position_ids, and takes neither attention_mask nor a cache")
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
