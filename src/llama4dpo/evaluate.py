@@ -23,9 +23,9 @@ from .train.objectives import Preference, pair_logps
 
 @torch.no_grad()
 def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_size: int = 16) -> dict:
-    from .data import collate_preference, collate_preference_shared
+    from .data import preference_collator
 
-    collate = functools.partial(collate_preference_shared if dpo_cfg.share_prompt else collate_preference, pad_id=pad_id)
+    collate = functools.partial(preference_collator(dpo_cfg.share_prompt), pad_id=pad_id)
     batches = ExampleBatches(examples, collate, batch_size, 1, 0).fixed()
     objective = Preference(dpo_cfg, reference=reference)
     sums, n = {}, 0

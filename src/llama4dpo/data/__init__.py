@@ -13,7 +13,7 @@
 
 from .builtin import TASKS, Task, get_task
 from .chat import ASSISTANT, HUMAN, SYSTEM, render_prompt, render_response, render_transcript, split_transcripts
-from .collate import IGNORE_INDEX, collate_preference, collate_preference_shared, collate_sft
+from .collate import IGNORE_INDEX, collate_preference, collate_preference_shared, collate_sft, preference_collator
 from .formats import FORMATS, detect_format, extract_pair
 from .lm import TokenStream, load_text_corpus, load_token_streams, training_texts
 from .preference import PreferenceData, load_preference_data, read_pairs
@@ -24,7 +24,7 @@ from .sources import read_records, write_records
 __all__ = [
     "TASKS", "Task", "get_task",
     "ASSISTANT", "HUMAN", "SYSTEM", "render_prompt", "render_response", "render_transcript", "split_transcripts",
-    "IGNORE_INDEX", "collate_preference", "collate_preference_shared", "collate_sft",
+    "IGNORE_INDEX", "collate_preference", "collate_preference_shared", "collate_sft", "preference_collator",
     "FORMATS", "detect_format", "extract_pair",
     "TokenStream", "load_text_corpus", "load_token_streams", "training_texts",
     "PreferenceData", "load_preference_data", "read_pairs",

@@ -10,7 +10,7 @@ is always the prompt's bos, so no response token is lost to the shift.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -67,7 +67,7 @@ def collate_preference_shared(examples: Sequence[Mapping], pad_id: int,
     """B prepared pairs -> B rows [prompt | chosen | rejected] (prefix sharing): the prompt is computed once
     per pair and both responses attend to it, never to each other (the model's `segment_ids` mask). Each
     response's positions restart after the prompt, so its log-probs equal those of `collate_preference`'s
-    two rows, with a third fewer tokens through the model when prompt and responses are of equal length.
+    two rows, with a quarter fewer tokens through the model when prompt and responses are of equal length.
 
         input_ids    LongTensor [B, L]  prompt + chosen + rejected, right-padded with pad_id
         position_ids LongTensor [B, L]  0..P-1, then P.. for chosen, then P.. again for rejected; 0 on padding
@@ -118,6 +118,11 @@ def _sources(P: int, start: int, n: int) -> list[int]:
     """Indices predicting the n tokens of a response stored at [start, start + n) after a prompt of P: token j
     is predicted by index start + j - 1, except the first, which the prompt's last token predicts."""
     return ([P - 1] + list(range(start, start + n - 1)))[:n]
+
+
+def preference_collator(share_prompt: bool) -> Callable[..., dict[str, torch.Tensor]]:
+    """The preference collator that `dpo.share_prompt` picks (both give the same log-probs)."""
+    return collate_preference_shared if share_prompt else collate_preference
 
 
 def collate_sft(examples: Sequence[Mapping], pad_id: int,

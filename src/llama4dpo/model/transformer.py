@@ -100,11 +100,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, S, D); Llama 4 does not scale embeddings
         for layer in self.layers:
             x = layer(x, rope, position_ids, masks, cache)
-        x = self.norm(x)
         if cache is not None:
             cache.length += S
-        if logit_index is not None:  # only the positions that are scored: no LM head on the others
+        if logit_index is not None:  # only the positions that are scored: no final norm or LM head on the others
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, M, D)
+        x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
     def _masks(self, position_ids, attention_mask, cache, S):

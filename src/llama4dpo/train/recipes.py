@@ -163,7 +163,7 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
 
 def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str | Path | None = None, *,
             overwrite=False, resume=False, show=True) -> Path:
-    from ..data import collate_preference, collate_preference_shared
+    from ..data import preference_collator
 
     out = Path(out)
     dist, device, show = _setup(cfg, show)
@@ -176,8 +176,7 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    collate = functools.partial(collate_preference_shared if cfg.dpo.share_prompt else collate_preference,
-                                pad_id=tokenizer.pad_id)
+    collate = functools.partial(preference_collator(cfg.dpo.share_prompt), pad_id=tokenizer.pad_id)
     train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
     reference = load_model(ref, device)
