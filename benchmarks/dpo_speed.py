@@ -593,24 +593,36 @@ def fwd_bwd(ckpt, hf_dir, device, precision, rows, seq, vocab, warmup, repeat, h
     return res
 
 
-def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, vocab, repeat, has_hf) -> dict:
-    """Greedy decoding with a KV cache, `new_tokens` per row (no eos stop on either side)."""
+def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, vocab, repeat, has_hf,
+               weights="fp32", compiled=True) -> dict:
+    """Greedy decoding with a KV cache, `new_tokens` per row (no eos stop on either side): ours eager, ours
+    with `torch.compile(model.decode)`, transformers' `generate`, timed in turns (A B C A B C ...), medians.
+    weights="bf16": both models held in bf16 (no autocast); "fp32": fp32 weights under `precision`."""
     import torch
     from llama4dpo import load_model
     from llama4dpo.generate import Sampling, generate_ids
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-    ours = load_model(ckpt, device).eval()
+    held = torch.bfloat16 if weights == "bf16" else torch.float32
+    if weights == "bf16":
+        precision = "fp32"  # no autocast: the weights themselves are bf16
+    ours = load_model(ckpt, device).eval().to(held)
     s = Sampling(max_new_tokens=new_tokens, temperature=0.0)
-    got = {}
+    got, runs = {}, {}
 
-    def run_ours():
-        with _autocast(precision, device):
-            got["ours"] = generate_ids(ours, prompts, s, eos_id=-1, pad_id=PAD)
-    res = {"ours_s": _median_time(run_ours, 1, repeat, device)}
+    def ours_run(compile):
+        def run():
+            with _autocast(precision, device):
+                got["ours-compiled" if compile else "ours"] = generate_ids(ours, prompts, s, eos_id=-1, pad_id=PAD,
+                                                                           compile=compile)
+        return run
+    runs["ours"] = ours_run(False)
+    if compiled:
+        runs["ours-compiled"] = ours_run(True)
+    res = {}
     if has_hf:
-        hf = _load_hf(hf_dir, device).eval()
+        hf = _load_hf(hf_dir, device).eval().to(held)
         hf.generation_config.eos_token_id = None  # generate exactly new_tokens, like ours with eos_id=-1
         ids = torch.tensor(prompts, device=device)
         mask = torch.ones_like(ids)
@@ -620,12 +632,37 @@ def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, v
                 out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=PAD, use_cache=True)
             got["hf"] = out[:, prompt_len:].tolist()
-        res["hf_s"] = _median_time(run_hf, 1, repeat, device)
+        runs["hf"] = run_hf
+    for name, fn in list(runs.items()):  # warm-up; the first compiled call compiles
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # e.g. no C++ compiler for torch.compile: report it, keep the other rows
+            res[f"{name.replace('-', '_')}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            del runs[name]
+            continue
+        res[f"{name.replace('-', '_')}_first"] = time.perf_counter() - t  # seconds, compilation included
+    times = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        res[f"{name.replace('-', '_')}_s"] = statistics.median(ts)  # ours_s, ours_compiled_s, hf_s
+    if "hf" in got:
         assert all(len(r) == new_tokens for r in got["hf"]), "transformers stopped early"
-        res["same_tokens"] = got["ours"] == got["hf"]
+        total = batch * new_tokens
+        for name in ("ours", "ours-compiled"):
+            if name in got:  # the share of tokens equal to transformers' (bf16 roundings may part the two)
+                res[f"same_{name.replace('-', '_')}"] = sum(
+                    a == b for x, y in zip(got[name], got["hf"]) for a, b in zip(x, y)) / total
         del hf
     res["new_tokens"] = batch * new_tokens
     res["processed_tokens"] = batch * (prompt_len + new_tokens)
+    res["weights"] = weights
     return res
 
 
@@ -652,6 +689,12 @@ def main():
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--gen-batches", default="1,8")
     p.add_argument("--gen-tokens", type=int, default=None)
+    p.add_argument("--gen-weights", default=None,
+                   help="comma list of weight dtypes for generation, fp32 and/or bf16 (default: fp32,bf16 on CPU, "
+                        "bf16 on GPU; fp32 in --quick)")
+    p.add_argument("--gen-repeat", type=int, default=5, help="timed generate calls per variant, in turns")
+    p.add_argument("--gen-compile", default=None, choices=["on", "off"],
+                   help="also time our compiled decoding (default: on, off in --quick: compiling takes ~30 s)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: dpo, fwdbwd, gen, peak")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every setting this many times, interleaved (A B C A B C ...), pooling the steady "
@@ -743,6 +786,9 @@ def main():
     timeout = args.timeout or (120 if args.quick else 420 if cuda else 1200)
     gen_tokens = args.gen_tokens or (8 if args.quick else 64)
     gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
+    gen_weights = (args.gen_weights or ("fp32" if args.quick else "bf16" if cuda else "fp32,bf16")).split(",")
+    if any(w not in ("fp32", "bf16") for w in gen_weights):
+        p.error(f"--gen-weights takes fp32 and/or bf16, not {args.gen_weights!r}")
     threads = torch.get_num_threads()
     machine = (torch.cuda.get_device_name(0) if cuda else
                f"CPU {os.cpu_count()} cores, {threads} torch threads") + f", torch {torch.__version__}"
@@ -823,15 +869,18 @@ def main():
     if "gen" not in skip:
         E = args.extra_at if args.extra_at in experts else experts[0]
         prec = "bf16" if cuda else "fp32"
-        for B in gen_batches:
-            r = generation(*ckpts[E], args.device, prec, B, 64 if not args.quick else 8, gen_tokens,
-                           PRESETS[preset]["model"]["vocab_size"], 1 if args.quick else 3, can["hf"])
-            r.update(experts=E, batch=B, precision=prec)
-            results["gen"].append(r)
-            print(f"generate E={E} batch {B}: ours {r['new_tokens'] / r['ours_s']:,.1f} tok/s, transformers "
-                  f"{fmt(r.get('hf_s') and r['new_tokens'] / r['hf_s'], 1)} tok/s, same tokens "
-                  f"{r.get('same_tokens', '-')}", flush=True)
-
+        for weights in gen_weights:
+            for B in gen_batches:
+                r = generation(*ckpts[E], args.device, prec, B, 64 if not args.quick else 8, gen_tokens,
+                               PRESETS[preset]["model"]["vocab_size"], 1 if args.quick else args.gen_repeat, can["hf"],
+                               weights, (args.gen_compile or ("off" if args.quick else "on")) == "on")
+                r.update(experts=E, batch=B, precision="bf16 weights" if weights == "bf16" else prec)
+                results["gen"].append(r)
+                rate = {k: fmt(r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"], 1) for k in ("ours", "ours_compiled", "hf")}
+                print(f"generate E={E} batch {B} {r['precision']}: ours {rate['ours']} tok/s, compiled "
+                      f"{rate['ours_compiled']} (first call {fmt(r.get('ours_compiled_first'), 1)} s), transformers "
+                      f"{rate['hf']} tok/s; same tokens {fmt(r.get('same_ours'), 2)} / {fmt(r.get('same_ours_compiled'), 2)}"
+                      + "".join(f"; {k}: {v}" for k, v in r.items() if k.endswith("_error")), flush=True)
     results["gen_prompt"] = 64 if not args.quick else 8
     results["load_end"] = os.getloadavg()[0]
     results["wall_s"] = time.perf_counter() - t_start
@@ -951,16 +1000,41 @@ def render(res: dict) -> str:
     if res["gen"]:
         lines += ["", f"### Generation (greedy, KV cache, prompt {res['gen_prompt']} tokens, every row generates the "
                   "same count)", "",
-                  "| experts | batch | new tokens | llama4dpo tokens/s | transformers generate tokens/s | speed-up | "
-                  "llama4dpo MFU | same tokens |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| experts | batch | precision | new tokens | llama4dpo tokens/s | llama4dpo compiled tokens/s | "
+                  "transformers generate tokens/s | speed-up | speed-up compiled | llama4dpo MFU (compiled) | "
+                  "same tokens (eager / compiled) |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in res["gen"]:
             n = res["models"][r["experts"]]["flop_params"]
-            ours = r["new_tokens"] / r["ours_s"]
-            hf = r["new_tokens"] / r["hf_s"] if "hf_s" in r else None
-            lines.append(f"| {r['experts']} | {r['batch']} | {r['new_tokens']} | {ours:,.1f} | {fmt(hf, 1)} | "
-                         f"{fmt(hf and ours / hf, 2)}{'x' if hf else ''} | "
-                         f"{mfu(2 * n * r['processed_tokens'] / r['ours_s'], r['precision'])} | "
-                         f"{r.get('same_tokens', '-')} |")
+            rate = {k: r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"] for k in ("ours", "ours_compiled", "hf")}
+            hf = rate["hf"]
+            sp = {k: f"{rate[k] / hf:.2f}x" if hf and rate[k] else "-" for k in ("ours", "ours_compiled")}
+            best = r.get("ours_compiled_s") or r["ours_s"]
+            same = " / ".join(fmt(r.get(k), 2) for k in ("same_ours", "same_ours_compiled"))
+            lines.append(f"| {r['experts']} | {r['batch']} | {r['precision']} | {r['new_tokens']} | "
+                         f"{fmt(rate['ours'], 1)} | {fmt(rate['ours_compiled'], 1)} | {fmt(hf, 1)} | {sp['ours']} | "
+                         f"{sp['ours_compiled']} | "
+                         f"{mfu(2 * n * r['processed_tokens'] / best, 'bf16' if 'bf16' in r['precision'] else 'fp32')} | "
+                         f"{same} |")
+        fastest = {}
+        for r in res["gen"]:
+            for side, keys in (("ours", ("ours", "ours_compiled")), ("hf", ("hf",))):
+                for k in keys:
+                    if r.get(f"{k}_s"):
+                        v = (r["new_tokens"] / r[f"{k}_s"], f"{r['precision']}{', compiled' if k == 'ours_compiled' else ''}")
+                        fastest.setdefault((r["batch"], side), v)
+                        fastest[(r["batch"], side)] = max(fastest[(r["batch"], side)], v)
+        for B in sorted({r["batch"] for r in res["gen"]}):
+            if (B, "ours") in fastest and (B, "hf") in fastest:
+                (o, od), (t, td) = fastest[(B, "ours")], fastest[(B, "hf")]
+                lines.append(f"- batch {B}, each at its fastest: llama4dpo {o:,.1f} tok/s ({od}) vs transformers "
+                             f"{t:,.1f} ({td}): **{o / t:.2f}x**")
+        errors = sorted({f"{k}: {v}" for r in res["gen"] for k, v in r.items() if k.endswith("_error")})
+        if errors:
+            lines.append("- not measured: " + "; ".join(errors))
+        lines += ["", "Compiled: `generate_ids(..., compile=True)` (`llama4dpo generate --compile`) runs each decoding "
+                  "step through `torch.compile(model.decode)` (on CPU with inductor's C++ wrapper); its first call "
+                  "compiles, and is a warm-up here. bf16 weights: both models held in bf16 (no autocast); their "
+                  "greedy tokens can part from transformers' where bf16 roundings differ."]
     lines += ["", "Definitions: tokens/s = non-pad tokens of the prompt+chosen and prompt+rejected rows per optimizer "
               "step / median step time" + ("" if cuda else
               " (median over the quiet steady steps - other processes used < 0.25 cores during the step, read from "

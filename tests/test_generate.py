@@ -85,3 +85,37 @@ def test_prompt_longer_than_context_is_a_clear_error(model):
 def test_bad_sampling_settings(model, bad):
     with pytest.raises(UserError):
         gen(model, PROMPTS, Sampling(**bad))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_decode_step_equals_forward_with_cache(top_k):
+    """model.decode (static shapes: the whole cache under a mask of filled slots, a lone token's expert taken
+    directly) gives the logits of forward(token, cache=...) step by step: left padding, chunk boundaries
+    (chunk 8), the NoPE layer's temperature tuning, GQA, top-1 and top-2 routing."""
+    model = LlamaModel(ModelConfig(**{**CFG, "num_experts_per_tok": top_k}, initializer_range=0.2))
+    model.init_weights(seed=1).eval()
+    for prompts in (PROMPTS, PROMPTS[1:2]):  # batch 3 with left padding, and a lone row (one token per step)
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+        with torch.inference_mode():
+            a, b = model.new_cache(B, L + 12), model.new_cache(B, L + 12)
+            model(ids, attention_mask=mask, cache=a), model(ids, attention_mask=mask, cache=b)
+            tok = torch.tensor([[4]] * B)
+            for step in range(12):
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+                want = model(tok, attention_mask=mask, cache=a)[:, -1]
+                got = model.decode(tok, b)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                assert b.length == a.length == L + step + 1
+                tok = want.argmax(-1, keepdim=True)
+            torch.testing.assert_close(b.positions, a.positions, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens(model):
+    s = Sampling(max_new_tokens=12)
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        assert gen(model, prompts, s, compile=True) == gen(model, prompts, s)

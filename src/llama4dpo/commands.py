@@ -68,6 +68,9 @@ def cmd_generate(args) -> int:
     from .generate import generate
 
     model, tokenizer = _model_and_tokenizer(args.model)
+    if args.dtype == "bf16":
+        import torch
+        model = model.to(torch.bfloat16)
     if args.prompt is not None:
         prompts = [args.prompt]
     elif args.prompts_file:
@@ -83,10 +86,11 @@ def cmd_generate(args) -> int:
         prompts = [render_prompt([{"role": "user", "content": p}]) for p in prompts]
         s.stop.append(HUMAN)
     if len(prompts) == 1:
-        generate(model, tokenizer, prompts, s, stream=lambda t: print(t, end="", flush=True))
+        generate(model, tokenizer, prompts, s, stream=lambda t: print(t, end="", flush=True), compile=args.compile)
         print()
     else:
-        for p, text in zip(prompts, generate(model, tokenizer, prompts, s, batch_size=args.batch_size)):
+        for p, text in zip(prompts, generate(model, tokenizer, prompts, s, batch_size=args.batch_size,
+                                             compile=args.compile)):
             print(f"{p.strip()}\t{text.strip()}" if args.raw else text.strip())
     return 0
 
@@ -179,6 +183,10 @@ def add_commands(sub) -> None:
     s.add_argument("--prompts-file")
     s.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="hold the weights in this dtype (bf16 reads half the bytes per token)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (the first batch compiles, for some seconds)")
     _sampling_args(s)
     s.set_defaults(func=cmd_generate)
 

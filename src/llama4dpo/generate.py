@@ -67,10 +67,33 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def compiled_decode(model) -> Callable:
+    """`model.decode` through torch.compile, made once per model (it recompiles for a new batch size or cache
+    length); on CPU with inductor's C++ wrapper, which drops the per-kernel Python calls."""
+    fn = model.__dict__.get("_compiled_decode")
+    if fn is not None:
+        return fn
+    import torch._dynamo
+
+    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else None
+    compiled = torch.compile(model.decode, dynamic=False, options=options)
+
+    def fn(tokens: torch.Tensor, cache) -> torch.Tensor:
+        try:
+            with torch._dynamo.config.patch(capture_scalar_outputs=True):  # a lone token's expert, in the graph
+                return compiled(tokens, cache)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"torch.compile failed ({first[:200]}); generate without --compile") from None
+    model.__dict__["_compiled_decode"] = fn
+    return fn
+
+
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, pad_id: int, use_cache: bool = True,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """New token ids per prompt (the eos, when produced, included). `on_token(row, id)` streams."""
+                 on_token: Callable[[int, int], None] | None = None, compile: bool = False) -> list[list[int]]:
+    """New token ids per prompt (the eos, when produced, included). `on_token(row, id)` streams.
+    With `compile`, decoding steps run `torch.compile(model.decode)` (the first call compiles)."""
     s.validate()
     if any(len(p) == 0 for p in prompts):
         raise UserError("empty prompt")
@@ -94,6 +117,7 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    decode = compiled_decode(model) if compile and use_cache else model.decode
     for _ in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -104,24 +128,24 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
         done |= tok == eos_id
         if done.all():
             break
-        ids = torch.cat([ids, tok[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if cache is not None:
-            logits = model(tok[:, None], attention_mask=mask, cache=cache)[:, -1]
+            logits = decode(tok[:, None], cache)
         else:
+            ids = torch.cat([ids, tok[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits = model(ids, attention_mask=mask)[:, -1]
     return out
 
 
 def generate(model, tokenizer, prompts: list[str], s: Sampling, *, use_cache: bool = True,
-             batch_size: int = 16, stream: Callable[[str], None] | None = None) -> list[str]:
+             batch_size: int = 16, stream: Callable[[str], None] | None = None, compile: bool = False) -> list[str]:
     """Completions of prompt texts (bos is prepended; eos and text after a stop string are removed)."""
     texts = []
     for lo in range(0, len(prompts), batch_size):
         chunk = [tokenizer.encode(p, bos=True) for p in prompts[lo:lo + batch_size]]
         on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
         for ids in generate_ids(model, chunk, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                use_cache=use_cache, on_token=on_token):
+                                use_cache=use_cache, on_token=on_token, compile=compile):
             texts.append(cut_at_stop(tokenizer.decode(ids), s.stop))
     return texts
 

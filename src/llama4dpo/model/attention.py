@@ -15,7 +15,10 @@ from .rope import RotaryPositionalEmbedding
 class KVCache:
     """Preallocated keys/values for every layer, plus each cached token's position and padding flag.
 
-    k[layer], v[layer]: (B, K, max_len, d). `length` tokens are filled; the model advances it after a forward.
+    k[layer], v[layer]: (B, K, max_len, d). `length` tokens are filled, held as the tensor `slot` (the next
+    free slot); the model advances it after a forward. In a `static` step (`LlamaModel.decode`) `update` writes
+    its one token at `slot` and returns the whole buffers, so every step has the same shapes and reads no
+    Python number from a tensor: what torch.compile needs to compile the step once.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -25,13 +28,23 @@ class KVCache:
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.length = 0
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.static = False
+
+    @property
+    def length(self) -> int:
+        return int(self.slot)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, S, d) at [length, length + S) and return everything cached so far."""
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        if self.static:  # one token at `slot`; the caller's mask hides the slots not yet filled
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
+        start = self.length
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 

@@ -50,6 +50,12 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
     if _grouped_mm_ok(x) and not decoding:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    if torch.compiler.is_compiling():  # (compiled decoding) sizes unknown when tracing: every expert, empty or not
+        sizes = counts.tolist()
+        for n in sizes:
+            torch._check(n >= 0)
+        torch._check(sum(sizes) == len(x))
+        return torch.cat([xe @ w[e] for e, xe in enumerate(x.split(sizes))])
     outs = [xe @ w[e] for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]  # one product per expert
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
 
@@ -73,6 +79,11 @@ class ExpertMLP(nn.Module):
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= FEW_ROWS:
             return self._padded(x, counts, gate_up, down)
         return self._swiglu(x, counts, gate_up, down)
+
+    def one(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x (N, D) all routed to expert e -> (N, D): decoding a lone token, no dispatch."""
+        gate, up = (x @ self.gate_up_proj[e]).split(self.hidden, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[e]
 
     def _swiglu(self, x, counts, gate_up, down):
         gate, up = grouped_matmul(x, gate_up, counts).split(self.hidden, dim=-1)
@@ -109,7 +120,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = ExpertMLP(cfg.num_local_experts, cfg.hidden_size, cfg.expert_size)
         self.shared_expert = FeedForward(cfg.hidden_size, cfg.expert_size)
-        # Set by each forward, read by training: detached tokens-per-expert counts and the balance loss.
+        # Set by each forward, read by training: detached tokens-per-expert counts (None for a lone decoded
+        # token) and the balance loss.
         self.tokens_per_expert: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
@@ -119,6 +131,12 @@ class MoE(nn.Module):
         logits = self.router(xt)                                           # (T, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)              # (T, k), on the raw logits
         scores = torch.sigmoid(top_logits.float()).to(xt.dtype)            # (T, k)
+        if len(xt) * self.top_k == 1 and not torch.is_grad_enabled():      # decoding one token: one expert
+            e = int(top_idx)
+            torch._check(e >= 0)                                            # (bounds for torch.compile)
+            torch._check(e < self.num_experts)
+            self.tokens_per_expert, self.aux_loss = None, None
+            return (self.shared_expert(xt) + self.experts.one(xt * scores, e)).view(B, S, D)
 
         expert_of_slot = top_idx.flatten()                                 # (T*k,)
         order = expert_of_slot.argsort(stable=True)                        # slots grouped by expert

@@ -101,11 +101,41 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, position_ids, masks, cache)
         if cache is not None:
-            cache.length += S
+            cache.slot.add_(S)
         if logit_index is not None:  # only the positions that are scored: no final norm or LM head on the others
             x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, M, D)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step, input_ids (B, 1) -> next-token logits (B, V): what
+        forward(input_ids, cache=cache)[:, -1] computes after a prefill of left-padded rows.
+
+        The new token goes into slot `cache.slot` of the preallocated cache and attends over the whole cache
+        under a mask of the filled slots. Every step then has the same shapes and reads no Python number
+        from a tensor (bar the expert of a lone token), so `torch.compile(model.decode)` compiles once per
+        batch size and cache length."""
+        B = input_ids.shape[0]
+        slot = cache.slot
+        position_ids = cache.positions.index_select(1, slot - 1) + 1          # (B, 1): one past each row's last
+        cache.positions.index_copy_(1, slot, position_ids)
+        cache.valid.index_fill_(1, slot, True)
+        zeros = torch.zeros(B, 1, 1, cache.max_len, device=input_ids.device)  # additive masks: 0 or -inf
+        full = zeros.masked_fill(~cache.valid[:, None, None, :], -torch.inf)
+        chunked = None
+        if (chunk := self.cfg.attention_chunk_size) is not None:
+            same = cache.positions // chunk == position_ids // chunk
+            chunked = zeros.masked_fill(~(cache.valid & same)[:, None, None, :], -torch.inf)
+        rope = self.rotary_emb(position_ids)
+        x = self.embed_tokens(input_ids)
+        cache.static = True
+        try:
+            for layer in self.layers:
+                x = layer(x, rope, position_ids, (full, chunked), cache)
+        finally:
+            cache.static = False
+        cache.slot.add_(1)
+        return self.lm_head(self.norm(x[:, -1]))
 
     def _masks(self, position_ids, attention_mask, cache, S):
         """(full, chunked) boolean masks, or None where SDPA's built-in causal mask is exact (training)."""
@@ -118,10 +148,11 @@ class LlamaModel(nn.Module):
         if cache is None:
             valid = attention_mask.bool()
             return attention_masks(position_ids, position_ids, valid, 0, chunk)
-        end = cache.length + S
-        cache.positions[:, cache.length:end] = position_ids
-        cache.valid[:, cache.length:end] = attention_mask[:, cache.length:end].bool() if attention_mask is not None else True
-        return attention_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], cache.length, chunk)
+        past = cache.length
+        end = past + S
+        cache.positions[:, past:end] = position_ids
+        cache.valid[:, past:end] = attention_mask[:, past:end].bool() if attention_mask is not None else True
+        return attention_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], past, chunk)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
