@@ -91,9 +91,11 @@ def main():
 
     used: list[int] = []  # distinct experts per MoE layer per decode step (one-token-per-row forwards)
 
-    def hook(mod, inp, out):
-        if inp[0].shape[1] == 1:
-            used.append(int((mod.tokens_per_expert > 0).sum()))
+    def hook(mod, inp, out):  # the router's choice, recomputed: the same whichever dispatch path ran
+        x = inp[0]
+        if x.shape[1] == 1:
+            chosen = mod.router(x.reshape(-1, x.shape[-1])).topk(mod.top_k, dim=-1).indices
+            used.append(int(chosen.unique().numel()))
     for l in ours.layers:
         if l.is_moe:
             l.feed_forward.register_forward_hook(hook)

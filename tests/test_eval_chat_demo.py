@@ -52,6 +52,24 @@ def test_generate_one_prompt_streams_and_file_batches(runs, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+def test_generate_bf16_weights_and_compile_flags_reach_decoding(runs, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import llama4dpo.generate as gen_module
+    seen, real = [], gen_module.generate_ids
+
+    def spy(model, prompts, s, **kw):
+        seen.append((next(model.parameters()).dtype, kw.get("compile")))
+        return real(model, prompts, s, **{**kw, "compile": False})  # (compiling is the slow test's job)
+    monkeypatch.setattr(gen_module, "generate_ids", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 3 + 4?\nReverse the word lamp.\n")
+    assert main(["generate", "--model", str(runs / "dpo"), "--prompts-file", str(prompts), "--max-new-tokens", "6",
+                 "--dtype", "bf16", "--compile"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert seen == [(torch.bfloat16, True)]
+
+
 def test_generate_bad_settings_are_one_line_errors(runs, capsys):
     assert main(["generate", "--model", str(runs / "dpo"), "--prompt", "hi", "--top-p", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: top_p")
