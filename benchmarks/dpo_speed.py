@@ -384,14 +384,13 @@ def _dpo_ours(spec, s):
     collate = functools.partial(_collate_preference(cfg.dpo.share_prompt), pad_id=PAD)
     batches = ExampleBatches(examples, collate, spec["pairs"], 1, spec["seed"])
     model = load_model(spec["ckpt"], device).train()
-    reference = load_model(spec["ckpt"], device).requires_grad_(False)
-    if s["preref"]:  # one pass over the data before training (not in the step times), then no reference held
+    if s["preref"]:  # one pass over the data before training (not in the step times), then no reference held;
+        # as `llama4dpo dpo` does when the reference is the initial checkpoint: the policy before its first step
         with autocast(cfg.train, device):
-            logps = precompute_reference_logps(reference, batches.fixed(), len(examples), device)
-        del reference
+            logps = precompute_reference_logps(model, batches.fixed(), len(examples), device)
         objective = Preference(cfg.dpo, reference_logps=logps)
     else:
-        objective = Preference(cfg.dpo, reference=reference)
+        objective = Preference(cfg.dpo, reference=load_model(spec["ckpt"], device).requires_grad_(False))
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
     for _ in range(6 if s.get("compile") else 0):  # compile (and recompile for new shapes) before timing
@@ -1041,7 +1040,8 @@ def render(res: dict) -> str:
               "/proc/stat - when there are at least 3, else over all steady steps)")
               + " (a step: collation, reference forward unless precomputed, policy forward+backward, clipping, "
               "AdamW). Precomputed reference log-probs cost one extra forward pass over the data before training, "
-              "not counted in the step. Memory: " +
+              "not counted in the step (ours: by the policy before its first step, as `llama4dpo dpo` does when "
+              "the reference is the initial checkpoint; TRL: by its ref_model, which it keeps). Memory: " +
               ("torch.cuda.max_memory_allocated per process." if cuda else
                "peak RSS (getrusage) of the setting's own process; train RSS = peak minus the RSS after imports.") +
               " Model FLOPs: (6 + 2 for the reference forward) x N x tokens run through the model, N = active "

@@ -62,11 +62,18 @@ def test_dpo_metrics_and_held_out_reward_accuracy_rise(pipeline):
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"]
 
 
-def test_precomputed_reference_gives_the_same_losses(pipeline, tmp_path):
+def test_precomputed_reference_gives_the_same_losses(pipeline, tmp_path, monkeypatch):
+    """With the reference = the initial checkpoint, the policy before its first step computes the reference
+    log-probs: one model is loaded, not two."""
+    import llama4dpo.train.recipes as recipes
+    loads, real = [], recipes.load_model
+    monkeypatch.setattr(recipes, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     common = ["--config", TINY, "--data", "builtin:assistant", "--quiet", "--init", str(pipeline / "sft"),
               "train.max_steps=6", "train.log_every=1", "train.eval_every=3"]
     assert main(["dpo", *common, "--out", str(tmp_path / "live")]) == 0
+    assert len(loads) == 2  # policy and live reference
     assert main(["dpo", *common, "--out", str(tmp_path / "cached"), "dpo.precompute_ref=true"]) == 0
+    assert len(loads) == 3
     assert (tmp_path / "cached" / "ref_logps_train.safetensors").is_file()
     live, cached = read_metrics(tmp_path / "live" / "metrics.jsonl"), read_metrics(tmp_path / "cached" / "metrics.jsonl")
     assert len(live) == len(cached)

@@ -179,10 +179,13 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     collate = functools.partial(preference_collator(cfg.dpo.share_prompt), pad_id=tokenizer.pad_id)
     train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
-    reference = load_model(ref, device)
-    reference.requires_grad_(False)
-    if dist.enabled and dist.strategy == "fsdp":
-        dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
+    if cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
+        reference = model  # the policy before its first step is the reference: no second copy is loaded
+    else:
+        reference = load_model(ref, device)
+        reference.requires_grad_(False)
+        if dist.enabled and dist.strategy == "fsdp":
+            dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
     if cfg.dpo.precompute_ref:
         # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
         with autocast(cfg.train, device):
