@@ -9,7 +9,8 @@
 #   * a DPO training step, 8 pairs x 512 tokens, bf16 autocast, frozen reference: llama4dpo's Trainer vs TRL's
 #     DPOTrainer (bf16, no gradient checkpointing; then TRL's defaults, bf16 + gradient checkpointing), or vs
 #     transformers with a hand-written DPO step where TRL is not installed; tokens/s, CUDA peak memory, MFU
-#   * forward+backward of the model alone, and greedy generation at batch 1 and 8 (64 new tokens, KV cache)
+#   * forward+backward of the model alone, and greedy generation at batch 1 (64 new tokens, KV cache, bf16
+#     weights): ours eager and with torch.compile(model.decode), against transformers' generate
 # Results print to stdout; with $OUT set (the device runner's output folder) they are also written to
 # $OUT/gpu_dpo_speed.{md,json}. Extra arguments are passed to dpo_speed.py (e.g. --steps 5).
 #
@@ -74,7 +75,7 @@ fi
 
 # The whole run must end within ~6 minutes: 330 s for the script, each DPO process at most 110 s.
 timeout -k 10 330 "$PY" benchmarks/dpo_speed.py --device cuda --preset 100m --experts 16 \
-  --settings ours-bf16,trl-bf16,trl-default --extra-settings "" --gen-batches 1,8 --timeout 110 \
+  --settings ours-bf16,trl-bf16,trl-default --extra-settings "" --gen-batches 1 --timeout 110 \
   --no-write ${OUTARGS[@]+"${OUTARGS[@]}"} ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
 if [ $rc = 124 ] || [ $rc = 137 ]; then

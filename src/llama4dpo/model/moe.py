@@ -131,7 +131,8 @@ class MoE(nn.Module):
         logits = self.router(xt)                                           # (T, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)              # (T, k), on the raw logits
         scores = torch.sigmoid(top_logits.float()).to(xt.dtype)            # (T, k)
-        if len(xt) * self.top_k == 1 and not torch.is_grad_enabled():      # decoding one token: one expert
+        if len(xt) * self.top_k == 1 and xt.device.type == "cpu" and not torch.is_grad_enabled():
+            # decoding one token on CPU: its one expert, no dispatch (on CUDA, reading e would sync)
             e = int(top_idx)
             torch._check(e >= 0)                                            # (bounds for torch.compile)
             torch._check(e < self.num_experts)
