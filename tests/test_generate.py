@@ -119,3 +119,44 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     s = Sampling(max_new_tokens=12)
     for prompts in (PROMPTS, PROMPTS[:1]):
         assert gen(model, prompts, s, compile=True) == gen(model, prompts, s)
+
+
+def test_decode_on_a_rewound_cache_sees_no_stale_slots_and_a_full_cache_is_an_error():
+    model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=2).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    L = ids.shape[1]
+    with torch.inference_mode():
+        fresh = model.new_cache(1, L + 4)
+        model(ids, cache=fresh)
+        want = model.decode(torch.tensor([[9]]), fresh)
+        used = model.new_cache(1, L + 4)
+        model(ids, cache=used)
+        for t in (3, 4, 5):  # fill three slots, then go back to the prompt's end
+            model.decode(torch.tensor([[t]]), used)
+        used.slot.fill_(L)
+        torch.testing.assert_close(model.decode(torch.tensor([[9]]), used), want, atol=1e-6, rtol=1e-6)
+        with pytest.raises(ValueError, match="KV cache full"):
+            model(torch.tensor([[1, 2, 3, 4]]), cache=used)
+
+
+def test_decode_under_autocast_into_an_fp32_cache():
+    """A cache made outside autocast (fp32) takes bf16 keys/values, as forward's slice assignment does."""
+    model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=2).eval()
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 20), model.new_cache(1, 20)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, cache=a), model(ids, cache=b)
+            got = model.decode(torch.tensor([[7]]), b)
+            want = model(torch.tensor([[7]]), cache=a)[:, -1]
+    assert a.k[0].dtype == torch.float32
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
+    from llama4dpo.model.rope import rope_frequencies
+    cfg = ModelConfig(**CFG)
+    model = LlamaModel(cfg).init_weights(seed=0).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rotary_emb.inv_freq, rope_frequencies(cfg), atol=0, rtol=0)

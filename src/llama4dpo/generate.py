@@ -113,12 +113,15 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
-    cache = model.new_cache(B, longest + s.max_new_tokens) if use_cache else None
+    max_len = longest + s.max_new_tokens
+    if compile:  # cache lengths in steps of 128: batches of other lengths reuse the compiled step
+        max_len = min(ctx, -(-max_len // 128) * 128)
+    cache = model.new_cache(B, max_len) if use_cache else None
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
     decode = compiled_decode(model) if compile and use_cache else model.decode
-    for _ in range(s.max_new_tokens):
+    for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         for i in (~done).nonzero().flatten().tolist():
@@ -126,7 +129,7 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
             if on_token:
                 on_token(i, int(tok[i]))
         done |= tok == eos_id
-        if done.all():
+        if done.all() or step == s.max_new_tokens - 1:  # (no forward for logits nobody reads)
             break
         if cache is not None:
             logits = decode(tok[:, None], cache)

@@ -83,6 +83,8 @@ class LlamaModel(nn.Module):
             raise ValueError("segment_ids needs position_ids, and takes neither attention_mask nor a cache")
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
+        if cache is not None and past + S > cache.max_len:
+            raise ValueError(f"KV cache full: {past} cached + {S} new tokens > its {cache.max_len} slots")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + S]
@@ -109,7 +111,9 @@ class LlamaModel(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decoding step, input_ids (B, 1) -> next-token logits (B, V): what
-        forward(input_ids, cache=cache)[:, -1] computes after a prefill of left-padded rows.
+        forward(input_ids, cache=cache)[:, -1] computes after a prefill (forward with the cache) of
+        left-padded rows. The cache must have a free slot: nothing checks it here (that would read a number
+        from a tensor at every step).
 
         The new token goes into slot `cache.slot` of the preallocated cache and attends over the whole cache
         under a mask of the filled slots. Every step then has the same shapes and reads no Python number
@@ -120,12 +124,13 @@ class LlamaModel(nn.Module):
         position_ids = cache.positions.index_select(1, slot - 1) + 1          # (B, 1): one past each row's last
         cache.positions.index_copy_(1, slot, position_ids)
         cache.valid.index_fill_(1, slot, True)
+        filled = cache.valid & (torch.arange(cache.max_len, device=slot.device) <= slot)  # (B, max_len)
         zeros = torch.zeros(B, 1, 1, cache.max_len, device=input_ids.device)  # additive masks: 0 or -inf
-        full = zeros.masked_fill(~cache.valid[:, None, None, :], -torch.inf)
+        full = zeros.masked_fill(~filled[:, None, None, :], -torch.inf)
         chunked = None
         if (chunk := self.cfg.attention_chunk_size) is not None:
             same = cache.positions // chunk == position_ids // chunk
-            chunked = zeros.masked_fill(~(cache.valid & same)[:, None, None, :], -torch.inf)
+            chunked = zeros.masked_fill(~(filled & same)[:, None, None, :], -torch.inf)
         rope = self.rotary_emb(position_ids)
         x = self.embed_tokens(input_ids)
         cache.static = True
