@@ -36,6 +36,7 @@ def main():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--preref", action="store_true", help="precomputed reference log-probs")
+    p.add_argument("--compile", action="store_true", help="train.compile=true (6 more warm-up steps: compiling)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--rows", type=int, default=30)
@@ -62,8 +63,11 @@ def main():
     n = args.warmup + args.steps
     cfg = Config.load_json(ckpt / "config.json")
     cfg.train = TrainConfig(batch_size=P["pairs"], precision=args.precision, device=args.device, lr=1e-6,
-                            warmup_steps=0, max_steps=n, weight_decay=0.0)
+                            warmup_steps=0, max_steps=n + 6, weight_decay=0.0, compile=args.compile)
     cfg.dpo = DPOConfig(precompute_ref=args.preref)
+    if args.compile:
+        args.warmup += 6  # torch.compile compiles, and recompiles for new shapes, in the first steps
+        n += 6
     examples = make_examples(P["pairs"] * n, P["seq"], cfg.model.vocab_size, 0)
     batches = ExampleBatches(examples, functools.partial(_collate_preference(cfg.dpo.share_prompt), pad_id=PAD),
                              P["pairs"], 1, 0)
