@@ -160,3 +160,16 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.rotary_emb.inv_freq.dtype == torch.float32
     torch.testing.assert_close(model.rotary_emb.inv_freq, rope_frequencies(cfg), atol=0, rtol=0)
+
+
+def test_a_failing_compile_is_a_one_line_error(model, monkeypatch):
+    import torch._dynamo
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise torch._dynamo.exc.Unsupported("data-dependent shape\nmore detail")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    fresh = LlamaModel(ModelConfig(**CFG)).init_weights(seed=0).eval()  # no compiled step cached yet
+    with pytest.raises(UserError, match=r"^torch.compile failed \(data-dependent shape\); generate without --compile$"):
+        gen(fresh, PROMPTS[:1], Sampling(max_new_tokens=3), compile=True)

@@ -74,6 +74,7 @@ def compiled_decode(model) -> Callable:
     if fn is not None:
         return fn
     import torch._dynamo
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else None
     compiled = torch.compile(model.decode, dynamic=False, options=options)
@@ -82,7 +83,8 @@ def compiled_decode(model) -> Callable:
         try:
             with torch._dynamo.config.patch(capture_scalar_outputs=True):  # a lone token's expert, in the graph
                 return compiled(tokens, cache)
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+        except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as e:
+            # e.g. no C++ compiler on this machine, or a shape torch.compile cannot trace on this device
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"torch.compile failed ({first[:200]}); generate without --compile") from None
     model.__dict__["_compiled_decode"] = fn
