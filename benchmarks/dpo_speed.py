@@ -637,7 +637,8 @@ def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, v
         try:
             fn()
         except Exception as e:  # e.g. no C++ compiler for torch.compile: report it, keep the other rows
-            res[f"{name.replace('-', '_')}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            res[f"{name.replace('-', '_')}_error"] = f"{type(e).__name__}: {first}"
             del runs[name]
             continue
         res[f"{name.replace('-', '_')}_first"] = time.perf_counter() - t  # seconds, compilation included
@@ -875,10 +876,12 @@ def main():
                                weights, (args.gen_compile or ("off" if args.quick else "on")) == "on")
                 r.update(experts=E, batch=B, precision="bf16 weights" if weights == "bf16" else prec)
                 results["gen"].append(r)
-                rate = {k: fmt(r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"], 1) for k in ("ours", "ours_compiled", "hf")}
+                rate = {k: fmt(r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"], 1)
+                        for k in ("ours", "ours_compiled", "hf")}
                 print(f"generate E={E} batch {B} {r['precision']}: ours {rate['ours']} tok/s, compiled "
                       f"{rate['ours_compiled']} (first call {fmt(r.get('ours_compiled_first'), 1)} s), transformers "
-                      f"{rate['hf']} tok/s; same tokens {fmt(r.get('same_ours'), 2)} / {fmt(r.get('same_ours_compiled'), 2)}"
+                      f"{rate['hf']} tok/s; same tokens {fmt(r.get('same_ours'), 2)} / "
+                      f"{fmt(r.get('same_ours_compiled'), 2)}"
                       + "".join(f"; {k}: {v}" for k, v in r.items() if k.endswith("_error")), flush=True)
     results["gen_prompt"] = 64 if not args.quick else 8
     results["load_end"] = os.getloadavg()[0]
@@ -1012,16 +1015,17 @@ def render(res: dict) -> str:
             lines.append(f"| {r['experts']} | {r['batch']} | {r['precision']} | {r['new_tokens']} | "
                          f"{fmt(rate['ours'], 1)} | {fmt(rate['ours_compiled'], 1)} | {fmt(hf, 1)} | {sp['ours']} | "
                          f"{sp['ours_compiled']} | "
-                         f"{mfu(2 * n * r['processed_tokens'] / best, 'bf16' if 'bf16' in r['precision'] else 'fp32')} | "
+                         f"{mfu(2 * n * r['processed_tokens'] / best, 'bf16' if 'bf16' in r['precision'] else 'fp32')}"
+                         " | "
                          f"{same} |")
         fastest = {}
         for r in res["gen"]:
             for side, keys in (("ours", ("ours", "ours_compiled")), ("hf", ("hf",))):
                 for k in keys:
                     if r.get(f"{k}_s"):
-                        v = (r["new_tokens"] / r[f"{k}_s"], f"{r['precision']}{', compiled' if k == 'ours_compiled' else ''}")
-                        fastest.setdefault((r["batch"], side), v)
-                        fastest[(r["batch"], side)] = max(fastest[(r["batch"], side)], v)
+                        label = r["precision"] + (", compiled" if k == "ours_compiled" else "")
+                        v = (r["new_tokens"] / r[f"{k}_s"], label)
+                        fastest[(r["batch"], side)] = max(fastest.get((r["batch"], side), v), v)
         for B in sorted({r["batch"] for r in res["gen"]}):
             if (B, "ours") in fastest and (B, "hf") in fastest:
                 (o, od), (t, td) = fastest[(B, "ours")], fastest[(B, "hf")]
