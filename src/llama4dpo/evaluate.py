@@ -50,7 +50,8 @@ def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
 
     device = next(model.parameters()).device
     chosen, rejected = [], []
-    for b in ExampleBatches(examples, functools.partial(collate_preference_shared, pad_id=pad_id), batch_size, 1, 0).fixed():
+    collate = functools.partial(collate_preference_shared, pad_id=pad_id)
+    for b in ExampleBatches(examples, collate, batch_size, 1, 0).fixed():
         lp, _ = pair_logps(model, {k: v.to(device) for k, v in b.items()})
         B = lp.shape[0] // 2
         chosen += lp[:B].tolist()

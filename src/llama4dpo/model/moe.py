@@ -50,13 +50,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
     if _grouped_mm_ok(x) and not decoding:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    if torch.compiler.is_compiling():  # (compiled decoding) sizes unknown when tracing: every expert, empty or not
-        sizes = counts.tolist()
+    sizes = counts.tolist()
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # (compiled decoding) the sizes are unknown when tracing: their bounds, and every expert runs
         for n in sizes:
             torch._check(n >= 0)
         torch._check(sum(sizes) == len(x))
-        return torch.cat([xe @ w[e] for e, xe in enumerate(x.split(sizes))])
-    outs = [xe @ w[e] for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]  # one product per expert
+    outs = [xe @ w[e] for e, xe in enumerate(x.split(sizes)) if compiling or len(xe)]  # one product per expert
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
 
 

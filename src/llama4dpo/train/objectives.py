@@ -131,20 +131,19 @@ class Preference:
 @torch.no_grad()
 def precompute_reference_logps(reference, batches, n_examples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (summed log-prob, token count) for every example's chosen (col 0) and rejected (col 1)
-    response, from an iterable of collated batches carrying `index`. In eval mode, without autograd (the
-    reference may be the policy itself, before its first step); the module's mode is restored."""
+    response, from an iterable of collated batches carrying `index`. In eval mode (the reference may be the
+    policy itself, before its first step); the module's mode is restored."""
     sums = torch.zeros(n_examples, 2, dtype=torch.float32)
     counts = torch.zeros(n_examples, 2, dtype=torch.long)
     was_training = reference.training
     reference.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                s, c = pair_logps(reference, {k: v.to(device) for k, v in batch.items()})
-                B = s.shape[0] // 2
-                idx = batch["index"]
-                sums[idx, 0], sums[idx, 1] = s[:B].float().cpu(), s[B:].float().cpu()
-                counts[idx, 0], counts[idx, 1] = c[:B].cpu(), c[B:].cpu()
+        for batch in batches:
+            s, c = pair_logps(reference, {k: v.to(device) for k, v in batch.items()})
+            B = s.shape[0] // 2
+            idx = batch["index"]
+            sums[idx, 0], sums[idx, 1] = s[:B].float().cpu(), s[B:].float().cpu()
+            counts[idx, 0], counts[idx, 1] = c[:B].cpu(), c[B:].cpu()
     finally:
         reference.train(was_training)
     return sums, counts
