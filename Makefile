@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_scaling.py
+
+# The GPU machine has no network: the benchmark's packages it lacks travel as wheels in .whl (git-ignored),
+# for its Python 3.12, at the versions installed here; benchmarks/gpu.sh installs them there.
+GPU_WHEELS := trl datasets dill multiprocess transformers
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==')
+	ls .whl
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -117,8 +117,31 @@ def test_decode_step_equals_forward_with_cache(top_k):
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_tokens(model):
     s = Sampling(max_new_tokens=12)
-    for prompts in (PROMPTS, PROMPTS[:1]):
+    # the third batch reuses the first one's cache (same batch size and cache length), now with other prompts
+    for prompts in (PROMPTS, PROMPTS[:1], [PROMPTS[1], PROMPTS[0], PROMPTS[1]]):
         assert gen(model, prompts, s, compile=True) == gen(model, prompts, s)
+    assert len(model.__dict__["_static_caches"]) == 2
+
+
+def test_a_reused_static_cache_decodes_as_a_fresh_one():
+    """static_cache hands out the same tensors for the same shape, emptied: what the last generation left in
+    them must not reach the next one."""
+    from llama4dpo.generate import static_cache
+    model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=3).eval()
+    long_ids, short_ids = torch.tensor([PROMPTS[2]]), torch.tensor([PROMPTS[1]])
+    with torch.inference_mode():
+        first = static_cache(model, 1, 32)
+        model(long_ids, cache=first)
+        for t in range(8):
+            model.decode(torch.tensor([[t + 3]]), first)
+        again = static_cache(model, 1, 32)
+        assert again is first and again.length == 0
+        fresh = model.new_cache(1, 32)
+        model(short_ids, cache=again), model(short_ids, cache=fresh)
+        for t in range(4):
+            torch.testing.assert_close(model.decode(torch.tensor([[t + 5]]), again),
+                                       model.decode(torch.tensor([[t + 5]]), fresh), atol=0, rtol=0)
+        assert static_cache(model, 2, 32) is not first
 
 
 def test_decode_on_a_rewound_cache_sees_no_stale_slots_and_a_full_cache_is_an_error():

@@ -124,9 +124,12 @@ def dense_moe_reference(moe: MoE, x):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("grouped", ["public", "private", None])
 def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monkeypatch):
-    monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x: grouped)
+    """Through F.grouped_mm, through torch._grouped_mm (what older CUDA builds use instead), and through
+    per-expert products."""
+    op = {"public": F.grouped_mm, "private": torch._grouped_mm, None: None}[grouped]
+    monkeypatch.setattr(moe_module, "_grouped_mm", lambda x: op)
     cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": top_k})
     moe = MoE(cfg)
     moe.init_weights(0.2)

@@ -69,18 +69,24 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
 
 def compiled_decode(model) -> Callable:
     """`model.decode` through torch.compile, made once per model (it recompiles for a new batch size or cache
-    length); on CPU with inductor's C++ wrapper, which drops the per-kernel Python calls."""
+    length). On CPU with inductor's C++ wrapper, which drops the per-kernel Python calls; on CUDA as CUDA graphs
+    (mode "reduce-overhead"), which drop the kernel launches: the cache then comes from `static_cache`."""
     fn = model.__dict__.get("_compiled_decode")
     if fn is not None:
         return fn
     import torch._dynamo
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else None
-    compiled = torch.compile(model.decode, dynamic=False, options=options)
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        compiled = torch.compile(model.decode, dynamic=False, mode="reduce-overhead")
+    else:
+        compiled = torch.compile(model.decode, dynamic=False, options={"cpp_wrapper": True})
 
     def fn(tokens: torch.Tensor, cache) -> torch.Tensor:
         try:
+            if cuda:  # the last step's outputs (read already) may be overwritten by this replay
+                torch.compiler.cudagraph_mark_step_begin()
             with torch._dynamo.config.patch(capture_scalar_outputs=True):  # a lone token's expert, in the graph
                 return compiled(tokens, cache)
         except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as e:
@@ -89,6 +95,24 @@ def compiled_decode(model) -> Callable:
             raise UserError(f"torch.compile failed ({first[:200]}); generate without --compile") from None
     model.__dict__["_compiled_decode"] = fn
     return fn
+
+
+def static_cache(model, batch_size: int, max_len: int):
+    """One KV cache per batch size, length and dtype, kept on the model and emptied for each use: the
+    compiled step sees the same tensors every call, so it neither recompiles nor (on CUDA) records its graph
+    again. Its tensors are marked as static addresses, which CUDA graphs need to update them in place."""
+    import torch._dynamo
+    caches = model.__dict__.setdefault("_static_caches", {})
+    key = (batch_size, max_len, model.cache_dtype())
+    cache = caches.get(key)
+    if cache is None:
+        cache = caches[key] = model.new_cache(batch_size, max_len)
+        for t in (*cache.k, *cache.v, cache.positions, cache.valid, cache.slot):
+            torch._dynamo.mark_static_address(t)
+    cache.slot.zero_()  # empty: stale keys and values stay, masked out until written again
+    cache.valid.zero_()
+    cache.positions.zero_()
+    return cache
 
 
 @torch.inference_mode()
@@ -118,7 +142,7 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     max_len = longest + s.max_new_tokens
     if compile:  # cache lengths in steps of 128: batches of other lengths reuse the compiled step
         max_len = min(ctx, -(-max_len // 128) * 128)
-    cache = model.new_cache(B, max_len) if use_cache else None
+    cache = None if not use_cache else static_cache(model, B, max_len) if compile else model.new_cache(B, max_len)
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]

@@ -29,13 +29,19 @@ class FeedForward(nn.Module):
             nn.init.normal_(lin.weight, std=std)
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
+# the public op (torch >= 2.10); on CUDA, older releases' private op of the same signature stands in
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+_CUDA_GROUPED_MM = _GROUPED_MM or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm(x: torch.Tensor):
+    """The grouped-GEMM op for x's device and dtype, or None where per-group products must do."""
     if x.device.type == "cpu":  # any dtype in eager; torch.compile's shape rules accept bf16 only
-        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        ok = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
+        return _GROUPED_MM if ok else None
     # CUDA grouped GEMM kernels need bf16 and a Hopper-class (sm90+) card.
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    ok = x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_properties(x.device).major >= 9
+    return _CUDA_GROUPED_MM if ok else None
 
 
 FEW_ROWS = 64  # below this, CPU decoding takes per-expert products; at and above, bf16 groups are padded to it
@@ -48,8 +54,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     # 8 experts: 6.9 vs 7.7 ms); with autograd, w[e] would cost a full-size gradient per expert.
     no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
-    if _grouped_mm_ok(x) and not decoding:
-        return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    if (mm := _grouped_mm(x)) is not None and not decoding:
+        return mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     sizes = counts.tolist()
     compiling = torch.compiler.is_compiling()
     if compiling:  # (compiled decoding) the sizes are unknown when tracing: their bounds, and every expert runs
@@ -142,7 +148,8 @@ class MoE(nn.Module):
         expert_of_slot = top_idx.flatten()                                 # (T*k,)
         order = expert_of_slot.argsort(stable=True)                        # slots grouped by expert
         token_of_slot = order // self.top_k
-        counts = torch.bincount(expert_of_slot, minlength=self.num_experts)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=xt.device).scatter_add_(
+            0, expert_of_slot, torch.ones_like(expert_of_slot))               # (E,) slots per expert (static shape)
         routed_in = xt[token_of_slot] * scores.flatten()[order, None]      # (T*k, D), score on the input
         routed_out = self.experts(routed_in, counts)                       # (T*k, D)
 

@@ -160,9 +160,12 @@ class LlamaModel(nn.Module):
         return attention_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], past, chunk)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_len, self.embed_tokens.weight.device, self.cache_dtype())
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype keys and values come out in: autocast's, else the weights'."""
         p = self.embed_tokens.weight
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.cfg, batch_size, max_len, p.device, dtype)
+        return torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE load-balancing terms of the last forward (None when disabled)."""
