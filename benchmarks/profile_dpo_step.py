@@ -85,7 +85,9 @@ def main():
     for _ in range(args.warmup):
         trainer.train_step()
     times = []
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             t = time.perf_counter()
             with record_function("train_step"):
@@ -95,7 +97,8 @@ def main():
           f"{info['total_params'] / 1e6:.1f}M params; profiled step times {[round(t, 3) for t in times]} s "
           f"(profiler overhead included), {torch.get_num_threads()} threads")
     ka = prof.key_averages(group_by_input_shape=args.shapes)
-    print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60,
+    print(ka.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows,
+                   max_name_column_width=60,
                    max_shapes_column_width=70))
     if args.trace:
         prof.export_chrome_trace(args.trace)

@@ -145,6 +145,18 @@ def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monke
     assert moe.tokens_per_expert.sum() == 21 * top_k
 
 
+def test_gathered_matmul_equals_per_group_products():
+    """The static-shape product compiled CUDA decoding uses where grouped_mm is missing (fp32, pre-Hopper)."""
+    from llama4dpo.model.moe import gathered_matmul
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([2, 0, 3, 1])
+    x, w = torch.randn(6, 8, generator=g), torch.randn(4, 8, 5, generator=g)
+    want = torch.cat([xe @ w[e] for e, xe in enumerate(x.split(counts.tolist()))])
+    torch.testing.assert_close(gathered_matmul(x, w, counts), want)
+    compiled = torch.compile(gathered_matmul, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, w, torch.tensor([0, 6, 0, 0])), x @ w[1])
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 21])
 def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
     """Without autograd on CPU the MoE runs one product per non-empty expert (decoding): a single token

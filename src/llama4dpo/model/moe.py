@@ -56,14 +56,24 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
     if (mm := _grouped_mm(x)) is not None and not decoding:
         return mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    sizes = counts.tolist()
     compiling = torch.compiler.is_compiling()
+    if compiling and x.device.type != "cpu" and len(x) <= FEW_ROWS:
+        return gathered_matmul(x, w, counts)  # (compiled decoding without grouped_mm, e.g. fp32 on CUDA)
+    sizes = counts.tolist()
     if compiling:  # (compiled decoding) the sizes are unknown when tracing: their bounds, and every expert runs
         for n in sizes:
             torch._check(n >= 0)
         torch._check(sum(sizes) == len(x))
     outs = [xe @ w[e] for e, xe in enumerate(x.split(sizes)) if compiling or len(xe)]  # one product per expert
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
+
+
+def gathered_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_matmul for a few rows with shapes fixed in advance (no Python number read from `counts`, which
+    compiled CUDA graphs cannot do): each row's own weight matrix gathered, one batched product."""
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                            output_size=len(x))              # (N,)
+    return torch.bmm(x[:, None, :], w[expert_of_row])[:, 0]                  # (N, 1, in) @ (N, in, out)
 
 
 class ExpertMLP(nn.Module):
