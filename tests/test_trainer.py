@@ -91,3 +91,27 @@ def test_compiled_blocks_give_the_eager_losses(tmp_path):
         losses[flag] = [trainer.train_step()["loss"] for _ in range(3)]
         assert [n for n, _ in model.named_parameters()] == names
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatch):
+    """On a GPU, reading a number from a tensor makes the host wait for the device: a metric read between
+    forward and backward would leave the device idle while the host queues the backward. A step reads its
+    metrics, the expert loads and the loss in one transfer, after every backward (and before the update,
+    which the NaN guard may skip). With accumulation over 2 micro-batches and an MoE model."""
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.grad_accum_steps=2", "train.batch_size=8"])
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 2, seed=0)
+    trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    trainer.train_batches(0, 0)  # (the data order, a CPU permutation, is drawn once per epoch: draw it now)
+    events = []
+    for name in ("item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _f=original, _n=name: events.append(_n) or _f(self))
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: events.append("backward") or
+                        backward(self, *a, **k))
+    out = trainer.train_step()
+    assert events == ["backward", "backward", "tolist"]
+    positions = sum(trainer.train_batches(0, m)["input_ids"].numel() for m in range(2))
+    assert sum(out["expert_load/layer_1"]) == positions and out["loss"] > 0  # every position routed, top-1

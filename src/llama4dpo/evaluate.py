@@ -32,9 +32,9 @@ def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_s
     device = next(model.parameters()).device
     for b in batches:
         b = {k: v.to(device) if k != "index" else v for k, v in b.items()}
-        out = objective(model, b)
-        n += out.units
-        for k, v in out.metrics.items():
+        units, metrics = objective(model, b).values()
+        n += units
+        for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
     m = {k: v / max(n, 1) for k, v in sums.items()}
     return {"pairs": n, "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],

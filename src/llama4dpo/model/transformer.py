@@ -174,7 +174,11 @@ class LlamaModel(nn.Module):
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert in the last forward, per MoE layer index."""
-        return {i: l.feed_forward.tokens_per_expert.tolist() for i, l in enumerate(self.layers)
+        return {i: counts.tolist() for i, counts in self.expert_counts().items()}
+
+    def expert_counts(self) -> dict[int, torch.Tensor]:
+        """expert_load as (E,) tensors on the model's device (reading them waits for the forward)."""
+        return {i: l.feed_forward.tokens_per_expert for i, l in enumerate(self.layers)
                 if l.is_moe and l.feed_forward.tokens_per_expert is not None}
 
     def num_params(self) -> tuple[int, int]:

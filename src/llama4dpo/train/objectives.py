@@ -18,9 +18,19 @@ from ..losses import (LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequen
 
 @dataclass
 class StepOutput:
-    loss_sum: torch.Tensor        # differentiable; divided by the step's total units by the loop
-    units: int                    # tokens (LM) or pairs (preference) in this micro-batch
-    metrics: dict[str, float]     # sums over units, averaged by the loop
+    loss_sum: torch.Tensor              # differentiable; divided by the step's total units by the loop
+    units: int | torch.Tensor           # tokens (LM) or pairs (preference) in this micro-batch
+    metrics: dict[str, torch.Tensor]    # sums over units (0-d, detached), averaged by the loop
+
+    # Metrics stay on the device: reading a number here (.item()) would make the host wait for the forward
+    # before it can queue the backward; the loop reads them all at once, at the end of the step.
+
+    def values(self) -> tuple[int, dict[str, float]]:
+        """units and metrics as Python numbers (one device sync)."""
+        keys = list(self.metrics)
+        nums = torch.stack([torch.as_tensor(self.units).to(torch.float64).cpu()]
+                           + [self.metrics[k].to(torch.float64).cpu() for k in keys]).tolist()
+        return int(nums[0]), dict(zip(keys, nums[1:]))
 
 
 class LanguageModeling:
@@ -36,7 +46,7 @@ class LanguageModeling:
         logits = model(batch["input_ids"])
         logps, mask = token_logps(logits, batch["labels"])
         loss_sum = -logps.sum()
-        return StepOutput(loss_sum, int(mask.sum()), {"loss": loss_sum.item()})
+        return StepOutput(loss_sum, mask.sum(), {"loss": loss_sum.detach()})
 
 
 def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,16 +124,17 @@ class Preference:
         if self.cfg.sft_weight > 0:  # RPO (Pang et al. 2024): + alpha * NLL of the chosen response per token
             loss_sum = loss_sum + self.cfg.sft_weight * (-logps[:B] / n_tokens[:B].clamp(min=1)).sum()
         lengths = n_tokens.float()
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
         metrics = {
-            "loss": loss_sum.item(),
-            "rewards/chosen": chosen_rewards.sum().item(),
-            "rewards/rejected": rejected_rewards.sum().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),  # strict >, as TRL
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-            "logps/chosen": logps[:B].detach().sum().item(),
-            "logps/rejected": logps[B:].detach().sum().item(),
-            "length/chosen": lengths[:B].sum().item(),
-            "length/rejected": lengths[B:].sum().item(),
+            "loss": loss_sum.detach(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),  # strict >, as TRL
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": logps[:B].detach().sum(),
+            "logps/rejected": logps[B:].detach().sum(),
+            "length/chosen": lengths[:B].sum(),
+            "length/rejected": lengths[B:].sum(),
         }
         return StepOutput(loss_sum, B, metrics)
 

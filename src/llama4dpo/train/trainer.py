@@ -24,6 +24,18 @@ from .objectives import sequence_tokens
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 
 
+def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+    """Device tensors (0-d metrics, per-expert count vectors) as Python numbers, read in one transfer."""
+    keys = list(sums)
+    flat = torch.cat([sums[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist() if keys else []
+    out, at = {}, 0
+    for k in keys:
+        n = sums[k].numel()
+        out[k] = flat[at] if sums[k].dim() == 0 else flat[at:at + n]
+        at += n
+    return out
+
+
 class TrainingDiverged(UserError):
     """Loss or gradient norm became NaN/inf."""
 
@@ -112,8 +124,8 @@ class Trainer:
         micro = [self.train_batches(self.step, m) for m in range(t.grad_accum_steps)]  # this rank's share
         total = max(1, int(self.dist.sum([sum(self.objective.units(b) for b in micro)])[0]))  # over all ranks
         world = self.dist.world  # DDP/FSDP2 average gradients over ranks; scaling by world makes them sums
-        sums: dict[str, float] = {}
-        tokens = 0
+        sums: dict[str, torch.Tensor] = {}  # on the device until the end of the step (see StepOutput)
+        tokens = sum(sequence_tokens(b) for b in micro)
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
             with self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t, self.device):
@@ -122,18 +134,18 @@ class Trainer:
                 aux = model.aux_loss() if hasattr(model, "aux_loss") else None
                 if aux is not None:
                     loss = loss + aux / len(micro)
-                    sums["aux_loss"] = sums.get("aux_loss", 0.0) + aux.item() * total / len(micro) / world
+                    sums["aux_loss"] = sums.get("aux_loss", 0) + aux.detach() * total / len(micro) / world
                 loss.backward()
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            tokens += sequence_tokens(batch)
-            for layer, counts in model.expert_load().items():
+                sums[k] = sums.get(k, 0) + v
+            for layer, counts in model.expert_counts().items():
                 key = f"expert_load/layer_{layer}"
-                sums[key] = [a + b for a, b in zip(sums.get(key, [0] * len(counts)), counts)]
-        sums = self.dist.sum_dict({**sums, "tokens": tokens})
-        tokens = int(sums.pop("tokens"))
+                sums[key] = sums.get(key, 0) + counts
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        sums = self.dist.sum_dict({**read_values(sums), "tokens": tokens})  # the step's one device sync
+        tokens = int(sums.pop("tokens"))
+        grad_norm = grad_norm_value(norm)
         mean_loss = sums["loss"] / total
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -159,8 +171,9 @@ class Trainer:
             batch = to_device(batch, self.device)
             with autocast(self.t, self.device):  # every rank evaluates every batch: no reduction needed
                 out = self.eval_objective(self.model, batch)  # (FSDP2 shards the model in place)
-            units += out.units
-            for k, v in out.metrics.items():
+            n, metrics = out.values()
+            units += n
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
 
