@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -26,3 +28,13 @@ def test_decode_bound_runs_and_counts_the_experts_it_read():
     assert "| 1 | llama4dpo |" in r.stdout and "| 8 | transformers |" in r.stdout
     # batch 1, top-1: each MoE layer of a decode step reads exactly one expert's weights
     assert "(1.00 experts per MoE layer per step)" in r.stdout
+
+
+@pytest.mark.slow
+def test_decode_check_finds_compiled_decoding_exact_in_fp32():
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_check.py"), "--steps", "4", "--experts", "4"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fp32 = next(line for line in r.stdout.splitlines() if line.startswith("torch.float32"))
+    assert "argmax agrees 4/4" in fp32 and "tokens equal 1.00" in fp32, r.stdout
