@@ -47,8 +47,9 @@ def check(cfg, weights, prompt, forced, args):
     from llama4dpo.generate import Sampling, compiled_decode, generate_ids, static_cache
     model = LlamaModel(cfg).init_weights(seed=0).to(args.device).eval().to(weights)
     ids = prompt.to(args.device)
-    with torch.inference_mode():
-        eager, comp = model.new_cache(1, 128), static_cache(model, 1, 128)
+    length = ids.shape[1] + len(forced)
+    with torch.inference_mode(), static_cache(model, 1, length) as comp:
+        eager = model.new_cache(1, length)
         model(ids, cache=eager), model(ids, cache=comp)
         step = compiled_decode(model)
         diffs, agree = [], 0

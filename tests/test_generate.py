@@ -121,28 +121,36 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     for prompts in (PROMPTS, PROMPTS[:1], [PROMPTS[1], PROMPTS[0], PROMPTS[1]]):
         assert gen(model, prompts, s, compile=True) == gen(model, prompts, s)
     assert len(model.__dict__["_static_caches"]) == 2
+    # a generation started from inside another one's token callback (same shape) leaves the outer one intact
+    want = gen(model, PROMPTS[:1], s, compile=True)
+    got = gen(model, PROMPTS[:1], s, compile=True, on_token=lambda i, t: gen(model, [PROMPTS[2]], s, compile=True))
+    assert got == want
 
 
 def test_a_reused_static_cache_decodes_as_a_fresh_one():
     """static_cache hands out the same tensors for the same shape, emptied: what the last generation left in
-    them must not reach the next one."""
+    them (here even NaN values) must not reach the next one; a nested use of the same shape gets its own."""
     from llama4dpo.generate import static_cache
     model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=3).eval()
     long_ids, short_ids = torch.tensor([PROMPTS[2]]), torch.tensor([PROMPTS[1]])
     with torch.inference_mode():
-        first = static_cache(model, 1, 32)
-        model(long_ids, cache=first)
-        for t in range(8):
-            model.decode(torch.tensor([[t + 3]]), first)
-        again = static_cache(model, 1, 32)
-        assert again is first and again.length == 0
-        fresh = model.new_cache(1, 32)
-        model(short_ids, cache=again), model(short_ids, cache=fresh)
-        for t in range(4):
-            torch.testing.assert_close(model.decode(torch.tensor([[t + 5]]), again),
-                                       model.decode(torch.tensor([[t + 5]]), fresh), atol=0, rtol=0)
-        assert static_cache(model, 2, 32) is not first
-
+        with static_cache(model, 1, 32) as first:
+            model(long_ids, cache=first)
+            for t in range(8):
+                model.decode(torch.tensor([[t + 3]]), first)
+            with static_cache(model, 1, 32) as nested:
+                assert nested is not first
+            for v in first.v:
+                v.fill_(float("nan"))
+        with static_cache(model, 1, 32) as again:
+            assert again is first and again.length == 0
+            fresh = model.new_cache(1, 32)
+            model(short_ids, cache=again), model(short_ids, cache=fresh)
+            for t in range(4):
+                torch.testing.assert_close(model.decode(torch.tensor([[t + 5]]), again),
+                                           model.decode(torch.tensor([[t + 5]]), fresh), atol=0, rtol=0)
+        with static_cache(model, 2, 32) as other:
+            assert other is not first
 
 def test_decode_on_a_rewound_cache_sees_no_stale_slots_and_a_full_cache_is_an_error():
     model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=2).eval()

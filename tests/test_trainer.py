@@ -95,23 +95,33 @@ def test_compiled_blocks_give_the_eager_losses(tmp_path):
 
 def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatch):
     """On a GPU, reading a number from a tensor makes the host wait for the device: a metric read between
-    forward and backward would leave the device idle while the host queues the backward. A step reads its
-    metrics, the expert loads and the loss in one transfer, after every backward (and before the update,
-    which the NaN guard may skip). With accumulation over 2 micro-batches and an MoE model."""
-    cfg = Config.load("configs/tiny.toml", CFG + ["train.grad_accum_steps=2", "train.batch_size=8"])
+    forward and backward would leave the device idle while the host queues the backward. From its first forward
+    on, a step reads its metrics, the expert loads, the loss and the gradient norm in one transfer, after every
+    backward (and before the update, which the NaN guard may skip). With accumulation over 2 micro-batches, an
+    MoE model and chunked attention."""
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.grad_accum_steps=2", "train.batch_size=8",
+                                                  "model.attention_chunk_size=4"])
     model = LlamaModel(cfg.model).init_weights(seed=0)
     batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 2, seed=0)
     trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
                       show_progress=False)
-    trainer.train_batches(0, 0)  # (the data order, a CPU permutation, is drawn once per epoch: draw it now)
     events = []
-    for name in ("item", "tolist"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, _f=original, _n=name: events.append(_n) or _f(self))
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: events.append("forward") or forward(*a, **k))
     backward = torch.Tensor.backward
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: events.append("backward") or
                         backward(self, *a, **k))
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, _f=original, _n=name, **k):
+            if "forward" in events:  # (the batches, CPU data, are counted before the first forward)
+                events.append(_n)
+            return _f(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, read)
     out = trainer.train_step()
-    assert events == ["backward", "backward", "tolist"]
+    monkeypatch.undo()
+    assert events == ["forward", "backward", "forward", "backward", "tolist"]
     positions = sum(trainer.train_batches(0, m)["input_ids"].numel() for m in range(2))
     assert sum(out["expert_load/layer_1"]) == positions and out["loss"] > 0  # every position routed, top-1
+    assert all(type(c) is int for c in out["expert_load/layer_1"]) and out["grad_norm"] > 0

@@ -6,10 +6,10 @@ is masked from attention (see LlamaModel.forward), so batched generation equals 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
+import contextlib
 import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -68,16 +68,17 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
 
 
 def compiled_decode(model) -> Callable:
-    """`model.decode` through torch.compile, made once per model (it recompiles for a new batch size or cache
-    length). On CPU with inductor's C++ wrapper, which drops the per-kernel Python calls; on CUDA as CUDA graphs
-    (mode "reduce-overhead"), which drop the kernel launches: the cache then comes from `static_cache`."""
-    fn = model.__dict__.get("_compiled_decode")
-    if fn is not None:
-        return fn
+    """`model.decode` through torch.compile, made once per model and device (it recompiles for a new batch size
+    or cache length). On CPU with inductor's C++ wrapper, which drops the per-kernel Python calls; on CUDA as CUDA
+    graphs (mode "reduce-overhead"), which drop the kernel launches: the cache then comes from `static_cache`."""
+    device = next(model.parameters()).device
+    made = model.__dict__.setdefault("_compiled_decode", {})
+    if device in made:
+        return made[device]
     import torch._dynamo
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = device.type == "cuda"
     if cuda:
         compiled = torch.compile(model.decode, dynamic=False, mode="reduce-overhead")
     else:
@@ -93,26 +94,31 @@ def compiled_decode(model) -> Callable:
             # e.g. no C++ compiler on this machine, or a shape torch.compile cannot trace on this device
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"torch.compile failed ({first[:200]}); generate without --compile") from None
-    model.__dict__["_compiled_decode"] = fn
+    made[device] = fn
     return fn
 
 
-def static_cache(model, batch_size: int, max_len: int):
-    """One KV cache per batch size, length and dtype, kept on the model and emptied for each use: the
-    compiled step sees the same tensors every call, so it neither recompiles nor (on CUDA) records its graph
-    again. Its tensors are marked as static addresses, which CUDA graphs need to update them in place."""
+@contextlib.contextmanager
+def static_cache(model, batch_size: int, max_len: int) -> Iterator:
+    """An empty KV cache for the compiled step, the same tensors at every use of a batch size, length, dtype and
+    device, so that the step neither recompiles nor (on CUDA) records its graph again. Its tensors are marked as
+    static addresses, which CUDA graphs need to update them in place. Taken while in use: a nested or concurrent
+    generation of the same shape gets a cache of its own. The model keeps one per shape (small next to it)."""
     import torch._dynamo
     caches = model.__dict__.setdefault("_static_caches", {})
-    key = (batch_size, max_len, model.cache_dtype())
-    cache = caches.get(key)
+    key = (batch_size, max_len, model.cache_dtype(), model.embed_tokens.weight.device)
+    cache = caches.pop(key, None)
     if cache is None:
-        cache = caches[key] = model.new_cache(batch_size, max_len)
+        cache = model.new_cache(batch_size, max_len)
         for t in (*cache.k, *cache.v, cache.positions, cache.valid, cache.slot):
             torch._dynamo.mark_static_address(t)
-    cache.slot.zero_()  # empty: stale keys and values stay, masked out until written again
-    cache.valid.zero_()
-    cache.positions.zero_()
-    return cache
+    else:  # emptied as new: a masked slot still multiplies its value by 0 (a NaN left there would spread)
+        for t in (*cache.k, *cache.v, cache.positions, cache.valid, cache.slot):
+            t.zero_()
+    try:
+        yield cache
+    finally:
+        caches[key] = cache
 
 
 @torch.inference_mode()
@@ -142,11 +148,21 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     max_len = longest + s.max_new_tokens
     if compile:  # cache lengths in steps of 128: batches of other lengths reuse the compiled step
         max_len = min(ctx, -(-max_len // 128) * 128)
-    cache = None if not use_cache else static_cache(model, B, max_len) if compile else model.new_cache(B, max_len)
+    if not use_cache:
+        return _sample(model, ids, mask, None, None, s, generator, eos_id, pad_id, on_token)
+    if compile:
+        with static_cache(model, B, max_len) as cache:
+            return _sample(model, ids, mask, cache, compiled_decode(model), s, generator, eos_id, pad_id, on_token)
+    return _sample(model, ids, mask, model.new_cache(B, max_len), model.decode, s, generator, eos_id, pad_id,
+                   on_token)
+
+
+def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int, pad_id: int, on_token):
+    """The token loop of generate_ids: prefill (into the cache, if any), then one token per step."""
+    B = len(ids)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
-    decode = compiled_decode(model) if compile and use_cache else model.decode
     for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

@@ -70,9 +70,12 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
 def gathered_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """grouped_matmul for a few rows with shapes fixed in advance (no Python number read from `counts`, which
-    compiled CUDA graphs cannot do): each row's own weight matrix gathered, one batched product."""
+    compiled CUDA graphs cannot do). Fewer rows than experts: each row's own weight matrix gathered, one batched
+    product; else every expert's product once (each weight read once), each row picking its own."""
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
                                             output_size=len(x))              # (N,)
+    if len(x) >= len(w):
+        return torch.einsum("ni,eio->neo", x, w)[torch.arange(len(x), device=x.device), expert_of_row]
     return torch.bmm(x[:, None, :], w[expert_of_row])[:, 0]                  # (N, 1, in) @ (N, in, out)
 
 

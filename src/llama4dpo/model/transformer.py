@@ -85,7 +85,9 @@ class LlamaModel(nn.Module):
         past = cache.length if cache is not None else 0
         if cache is not None and past + S > cache.max_len:
             raise ValueError(f"KV cache full: {past} cached + {S} new tokens > its {cache.max_len} slots")
+        last_position = None  # the largest position, where known without reading it from a tensor
         if position_ids is None:
+            last_position = past + S - 1 if attention_mask is None else None
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + S]
             else:
@@ -96,7 +98,7 @@ class LlamaModel(nn.Module):
                 masks = tuple(None if m is None else torch.zeros(m.shape, device=m.device).masked_fill_(~m, -torch.inf)
                               for m in masks)
         else:
-            masks = self._masks(position_ids, attention_mask, cache, S)
+            masks = self._masks(position_ids, attention_mask, cache, S, last_position)
         rope = self.rotary_emb(position_ids)
 
         x = self.embed_tokens(input_ids)  # (B, S, D); Llama 4 does not scale embeddings
@@ -142,11 +144,13 @@ class LlamaModel(nn.Module):
         cache.slot.add_(1)
         return self.lm_head(self.norm(x[:, -1]))
 
-    def _masks(self, position_ids, attention_mask, cache, S):
+    def _masks(self, position_ids, attention_mask, cache, S, last_position=None):
         """(full, chunked) boolean masks, or None where SDPA's built-in causal mask is exact (training)."""
         chunk = self.cfg.attention_chunk_size
         if cache is None and attention_mask is None:
-            if chunk is None or int(position_ids.max()) < chunk:  # nothing crosses a chunk boundary
+            if last_position is None and chunk is not None:
+                last_position = int(position_ids.max())  # (on a GPU, waits for the positions)
+            if chunk is None or last_position < chunk:  # nothing crosses a chunk boundary
                 return None, None
             full, chunked = attention_masks(position_ids, position_ids, None, 0, chunk)
             return None, chunked

@@ -28,8 +28,8 @@ class StepOutput:
     def values(self) -> tuple[int, dict[str, float]]:
         """units and metrics as Python numbers (one device sync)."""
         keys = list(self.metrics)
-        nums = torch.stack([torch.as_tensor(self.units).to(torch.float64).cpu()]
-                           + [self.metrics[k].to(torch.float64).cpu() for k in keys]).tolist()
+        units = torch.as_tensor(self.units, device=self.loss_sum.device)
+        nums = torch.stack([units.to(torch.float64)] + [self.metrics[k].to(torch.float64) for k in keys]).tolist()
         return int(nums[0]), dict(zip(keys, nums[1:]))
 
 

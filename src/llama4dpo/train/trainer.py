@@ -24,14 +24,16 @@ from .objectives import sequence_tokens
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
 
 
-def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
-    """Device tensors (0-d metrics, per-expert count vectors) as Python numbers, read in one transfer."""
+def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | int | list]:
+    """Device tensors (0-d metrics, per-expert count vectors) as Python numbers, read in one transfer;
+    integer tensors give ints."""
     keys = list(sums)
     flat = torch.cat([sums[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist() if keys else []
     out, at = {}, 0
     for k in keys:
         n = sums[k].numel()
-        out[k] = flat[at] if sums[k].dim() == 0 else flat[at:at + n]
+        vals = flat[at:at + n] if sums[k].is_floating_point() else [int(x) for x in flat[at:at + n]]
+        out[k] = vals[0] if sums[k].dim() == 0 else vals
         at += n
     return out
 
@@ -143,9 +145,11 @@ class Trainer:
                 sums[key] = sums.get(key, 0) + counts
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        sums = self.dist.sum_dict({**read_values(sums), "tokens": tokens})  # the step's one device sync
+        sharded = hasattr(norm, "full_tensor")  # (a DTensor under FSDP2: read apart, it takes a collective)
+        values = read_values({**sums, **({} if sharded else {"grad_norm": norm})})  # the step's one device read
+        grad_norm = grad_norm_value(norm) if sharded else values.pop("grad_norm")
+        sums = self.dist.sum_dict({**values, "tokens": tokens})
         tokens = int(sums.pop("tokens"))
-        grad_norm = grad_norm_value(norm)
         mean_loss = sums["loss"] / total
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
