@@ -111,6 +111,8 @@ SETTINGS = {
     # train.compile=true: every block through torch.compile (6 untimed steps first: compilation, recompiles)
     "ours-bf16-compile":  dict(side="ours", precision="bf16", gc=False, preref=False, compile=True),
     "ours-bf16-preref-compile": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True),
+    # experiment (GPU): each block compiled as CUDA graphs (mode "reduce-overhead"), set up here, not in the trainer
+    "ours-bf16-preref-graphs": dict(side="ours", precision="bf16", gc=False, preref=True, graphs=True),
     # dpo.share_prompt=false: [chosen; rejected] rows, the prompt computed twice (the layout TRL uses)
     "ours-fp32-unshared": dict(side="ours", precision="fp32", gc=False, preref=False, share=False),
     "ours-bf16-unshared": dict(side="ours", precision="bf16", gc=False, preref=False, share=False),
@@ -131,7 +133,8 @@ def describe(name: str) -> str:
     side = {"ours": "llama4dpo Trainer", "trl": "TRL DPOTrainer", "hf": "transformers + hand-written DPO"}[s["side"]]
     prec = "fp32" if s["precision"] == "fp32" else "bf16 autocast"
     extra = (", grad ckpt" if s["gc"] else "") + (", precomputed ref" if s["preref"] else "") + \
-        (", torch.compile" if s.get("compile") else "") + (", no prefix sharing" if s.get("share") is False else "")
+        (", torch.compile" if s.get("compile") else "") + (", blocks as CUDA graphs" if s.get("graphs") else "") + \
+        (", no prefix sharing" if s.get("share") is False else "")
     return f"{side} ({prec}{extra})"
 
 
@@ -393,12 +396,20 @@ def _dpo_ours(spec, s):
         objective = Preference(cfg.dpo, reference=load_model(spec["ckpt"], device).requires_grad_(False))
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
-    for _ in range(6 if s.get("compile") else 0):  # compile (and recompile for new shapes) before timing
-        trainer.train_step()
+    step = trainer.train_step
+    if s.get("graphs"):  # the host issues one graph replay per block instead of its kernels
+        for block in model.layers:
+            block.compile(mode="reduce-overhead")
+
+        def step():
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
+            return trainer.train_step()
+    for _ in range(6 if s.get("compile") or s.get("graphs") else 0):  # compile (and recompile) before timing
+        step()
     trainer.step = 0
     clock = StepClock(device)
     for _ in range(n_steps):
-        trainer.train_step()
+        step()
         clock.tick()
     # the same count on every side: prompt+chosen and prompt+rejected rows (equal-length rows, no padding),
     # whether or not our rows hold the prompt once (prefix sharing)

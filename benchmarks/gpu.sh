@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One-command GPU comparison: llama4dpo vs transformers/TRL at the ~100M-active-parameter preset, in bf16.
 #
-#   bash benchmarks/gpu.sh            # one CUDA GPU (H100/H200): about 5-6 minutes, hard limit 7 minutes
+#   bash benchmarks/gpu.sh            # one CUDA GPU (H100/H200): about 4-5 minutes, hard limit 7 minutes
 #   bash benchmarks/gpu.sh --smoke    # CPU smoke mode, tiny model, < 60 s (CI keeps the script working)
 #
 # Measures, in one run (benchmarks/dpo_speed.py --device cuda --preset 100m):
 #   * the card's bf16 matmul peak (best of 4096^2 and 8192^2 matmuls)
 #   * a DPO training step, 8 pairs x 512 tokens, bf16 autocast, frozen reference: llama4dpo's Trainer (eager,
-#     train.compile, and train.compile with precomputed reference log-probs) vs transformers' model with a
+#     train.compile, train.compile with precomputed reference log-probs, and - an experiment, not yet measured
+#     when written - each block compiled as CUDA graphs) vs transformers' model with a
 #     hand-written DPO step and vs TRL's DPOTrainer (bf16, no gradient checkpointing); tokens/s, CUDA peak
 #     memory, MFU
 #   * greedy generation at batch 1 (64 new tokens, KV cache, bf16 weights): ours eager and with
@@ -91,7 +92,8 @@ fi
 # The whole run must end within 7 minutes: 420 s for the script, each DPO process at most 150 s.
 # (Where TRL is missing, trl-bf16 becomes hf-bf16 and is run once.)
 timeout -k 10 420 "$PY" benchmarks/dpo_speed.py --device cuda --preset 100m --experts 16 \
-  --settings ours-bf16,hf-bf16,trl-bf16,ours-bf16-compile,ours-bf16-preref-compile --extra-settings "" \
+  --settings ours-bf16,hf-bf16,trl-bf16,ours-bf16-compile,ours-bf16-preref-compile,ours-bf16-preref-graphs \
+  --extra-settings "" \
   --gen-batches 1 --timeout 150 --no-write ${OUTARGS[@]+"${OUTARGS[@]}"} ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
 if [ $rc = 124 ] || [ $rc = 137 ]; then
