@@ -26,11 +26,23 @@ class StepOutput:
     # before it can queue the backward; the loop reads them all at once, at the end of the step.
 
     def values(self) -> tuple[int, dict[str, float]]:
-        """units and metrics as Python numbers (one device sync)."""
-        keys = list(self.metrics)
-        units = torch.as_tensor(self.units, device=self.loss_sum.device)
-        nums = torch.stack([units.to(torch.float64)] + [self.metrics[k].to(torch.float64) for k in keys]).tolist()
-        return int(nums[0]), dict(zip(keys, nums[1:]))
+        """units and metrics as Python numbers (one device read)."""
+        nums = read_values({"units": torch.as_tensor(self.units, device=self.loss_sum.device), **self.metrics})
+        return nums.pop("units"), nums
+
+
+def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | int | list]:
+    """Device tensors (0-d metrics, per-expert count vectors) as Python numbers, read in one transfer;
+    integer tensors give ints."""
+    keys = list(sums)
+    flat = torch.cat([sums[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist() if keys else []
+    out, at = {}, 0
+    for k in keys:
+        n = sums[k].numel()
+        vals = flat[at:at + n] if sums[k].is_floating_point() else [int(x) for x in flat[at:at + n]]
+        out[k] = vals[0] if sums[k].dim() == 0 else vals
+        at += n
+    return out
 
 
 class LanguageModeling:

@@ -20,22 +20,8 @@ from ..errors import UserError
 from ..faults import fault_point
 from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
-from .objectives import sequence_tokens
+from .objectives import read_values, sequence_tokens
 from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
-
-
-def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | int | list]:
-    """Device tensors (0-d metrics, per-expert count vectors) as Python numbers, read in one transfer;
-    integer tensors give ints."""
-    keys = list(sums)
-    flat = torch.cat([sums[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist() if keys else []
-    out, at = {}, 0
-    for k in keys:
-        n = sums[k].numel()
-        vals = flat[at:at + n] if sums[k].is_floating_point() else [int(x) for x in flat[at:at + n]]
-        out[k] = vals[0] if sums[k].dim() == 0 else vals
-        at += n
-    return out
 
 
 class TrainingDiverged(UserError):
