@@ -221,6 +221,43 @@ def test_bf16_autocast_runs_and_stays_close():
     assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
 
 
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_bf16_attention_equals_sdpa_values_and_grads(mask_kind):
+    """The plain-products attention (CPU bf16, few scores) computes SDPA's function, with GQA and any mask."""
+    from llama4dpo.model.attention import bf16_attention
+    torch.manual_seed(0)
+    B, H, K, S, d = 2, 4, 2, 9, 8
+    q = torch.randn(B, H, S, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, K, S, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = None
+    if mask_kind != "causal":  # causal, plus a hole per row (a key no query may see, except itself)
+        mask = (torch.ones(S, S, dtype=torch.bool).tril() & (torch.arange(S) != 3))[None, None].repeat(B, 1, 1, 1)
+        mask[:, :, 3, 3] = True
+        if mask_kind == "additive":
+            mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -torch.inf)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=0.3, enable_gqa=True)
+    got = bf16_attention(q, k, v, mask, 0.3)
+    torch.testing.assert_close(got, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    low = bf16_attention(*(t.detach().bfloat16() for t in (q, k, v)), mask, 0.3)  # and in bf16, as it runs
+    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
+
+
+def test_cpu_bf16_attention_paths_agree(monkeypatch):
+    """Under CPU bf16 autocast, few scores take the plain products, many take SDPA in fp32: the same logits."""
+    from llama4dpo.model import attention
+    model = tiny()
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(x).float()
+        monkeypatch.setattr(attention, "bf16_attention", None)  # any call to it would now fail
+        monkeypatch.setattr(attention, "SMALL_SCORES", 0)
+        fused = model(x).float()
+    assert (plain - fused).abs().max() < 0.05
+
+
 def test_tied_embeddings_and_padding_row():
     model = LlamaModel(ModelConfig(**TINY, tie_word_embeddings=True, pad_token_id=0)).init_weights(seed=0)
     assert model.lm_head.weight is model.embed_tokens.weight

@@ -113,9 +113,9 @@ class ExpertMLP(nn.Module):
         with counts that change every step it keeps compiling and its cache grows. Rounding every group up
         to a multiple of 64 rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
         padded = (counts + multiple - 1) // multiple * multiple
-        e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)  # expert of each row
+        e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=len(x))  # expert of row
         dest = (padded.cumsum(0) - padded)[e] + torch.arange(len(x), device=x.device) - (counts.cumsum(0) - counts)[e]
-        buf = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, dest, x)
+        buf = x.new_zeros(len(x) + len(counts) * (multiple - 1), x.shape[1]).index_copy(0, dest, x)
         return self._swiglu(buf, padded, gate_up, down)[dest]
 
     def init_weights(self, std: float) -> None:
