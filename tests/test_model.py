@@ -161,6 +161,34 @@ def test_gathered_matmul_equals_per_group_products():
     torch.testing.assert_close(compiled(x, w, torch.tensor([0, 6, 0, 0])), x @ w[1])
 
 
+@pytest.mark.parametrize("rows", [8, 100])
+def test_bf16_experts_compile_whole(rows):
+    """CPU bf16 experts trace as one graph (fullgraph: a graph break fails): decoding's few rows without autograd
+    (per-expert products of data-dependent sizes), and training's many rows with autograd (padded groups)."""
+    import torch._dynamo
+    experts = moe_module.ExpertMLP(8, 16, 24).bfloat16()
+    experts.init_weights(0.3)
+    counts = torch.tensor([rows // 2, 0, 1, 0, rows - rows // 2 - 2, 0, 1, 0])
+    x = torch.randn(rows, 16, dtype=torch.bfloat16)
+    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
+
+    def close(a, b):  # bf16: the compiled kernels round at other points than eager's ops
+        assert (a.float() - b.float()).norm() <= 0.02 * b.float().norm()
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        if rows < moe_module.FEW_ROWS:
+            with torch.no_grad():
+                close(compiled(x, counts), experts(x, counts))
+            return
+        x.requires_grad_()
+        got, want = compiled(x, counts), experts(x, counts)
+    close(got, want)
+    g = torch.randn_like(want)
+    params = [x, experts.gate_up_proj, experts.down_proj]
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
+        close(a, b)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 21])
 def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
     """Without autograd on CPU the MoE runs one product per non-empty expert (decoding): a single token

@@ -65,6 +65,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
             torch._check(n >= 0)
         torch._check(sum(sizes) == len(x))
     outs = [xe @ w[e] for e, xe in enumerate(x.split(sizes)) if compiling or len(xe)]  # one product per expert
+    if compiling and no_grad:  # into rows of x's (static) length: the next product's size test needs no guard
+        return torch.cat(outs, out=x.new_empty(len(x), w.shape[-1]))
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
 
 
