@@ -125,6 +125,10 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     want = gen(model, PROMPTS[:1], s, compile=True)
     got = gen(model, PROMPTS[:1], s, compile=True, on_token=lambda i, t: gen(model, [PROMPTS[2]], s, compile=True))
     assert got == want
+    # on CPU the weights are compiled in as constants: weights changed in place are seen (the step compiles again)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    assert gen(model, PROMPTS, s, compile=True) == gen(model, PROMPTS, s) != want
 
 
 def test_a_reused_static_cache_decodes_as_a_fresh_one():
