@@ -175,10 +175,11 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
     for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        values = tok.tolist()  # (one read of the step's tokens, not one per row)
         for i in (~done).nonzero().flatten().tolist():
-            out[i].append(int(tok[i]))
+            out[i].append(values[i])
             if on_token:
-                on_token(i, int(tok[i]))
+                on_token(i, values[i])
         done |= tok == eos_id
         if done.all() or step == s.max_new_tokens - 1:  # (no forward for logits nobody reads)
             break
