@@ -115,9 +115,12 @@ class ExpertMLP(nn.Module):
         with counts that change every step it keeps compiling and its cache grows. Rounding every group up
         to a multiple of 64 rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
         padded = (counts + multiple - 1) // multiple * multiple
-        e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=len(x))  # expert of row
+        e = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts,
+                                    output_size=len(x))  # expert of each row
         dest = (padded.cumsum(0) - padded)[e] + torch.arange(len(x), device=x.device) - (counts.cumsum(0) - counts)[e]
-        buf = x.new_zeros(len(x) + len(counts) * (multiple - 1), x.shape[1]).index_copy(0, dest, x)
+        # compiled, a size fixed in advance (the rows past the last group are never read); eager, the exact size
+        rows = len(x) + len(counts) * (multiple - 1) if torch.compiler.is_compiling() else int(padded.sum())
+        buf = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
         return self._swiglu(buf, padded, gate_up, down)[dest]
 
     def init_weights(self, std: float) -> None:
