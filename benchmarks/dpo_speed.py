@@ -108,7 +108,7 @@ SETTINGS = {
     "ours-bf16":          dict(side="ours", precision="bf16", gc=False, preref=False),
     "ours-fp32-preref":   dict(side="ours", precision="fp32", gc=False, preref=True),
     "ours-bf16-preref":   dict(side="ours", precision="bf16", gc=False, preref=True),
-    # train.compile=true: every block through torch.compile (6 untimed steps first: compilation, recompiles)
+    # train.compile=true: the model through torch.compile (6 untimed steps first: compilation, recompiles)
     "ours-bf16-compile":  dict(side="ours", precision="bf16", gc=False, preref=False, compile=True),
     "ours-bf16-preref-compile": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True),
     # experiment (GPU): each block compiled as CUDA graphs (mode "reduce-overhead"), set up here, not in the trainer

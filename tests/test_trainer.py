@@ -78,8 +78,8 @@ def test_nan_guard_stops_with_message_and_leaves_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_give_the_eager_losses(tmp_path):
-    """train.compile=true compiles every block in place: same parameter names, same losses (to float noise)."""
+def test_compiled_model_gives_the_eager_losses(tmp_path):
+    """train.compile=true compiles the model in place: same parameter names, same losses (to float noise)."""
     losses = {}
     for flag in ("false", "true"):
         cfg = Config.load("configs/tiny.toml", CFG + [f"train.compile={flag}", "train.batch_size=4"])
@@ -90,6 +90,7 @@ def test_compiled_blocks_give_the_eager_losses(tmp_path):
                           show_progress=False)
         losses[flag] = [trainer.train_step()["loss"] for _ in range(3)]
         assert [n for n, _ in model.named_parameters()] == names
+        assert (model._compiled_call_impl is not None) == (flag == "true")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 

@@ -70,9 +70,12 @@ class Trainer:
         self.cfg, self.t = cfg, cfg.train
         self.dist = dist or Dist()
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
-        if self.t.compile:  # per block, in place (parameter names unchanged), before DDP/FSDP2 wrap it
-            for block in model.layers:
-                block.compile()
+        if self.t.compile:  # in place (parameter names unchanged), before DDP/FSDP2 wrap it
+            if self.dist.enabled and self.dist.strategy == "fsdp":  # per block, as FSDP2 shards it
+                for block in model.layers:
+                    block.compile()
+            else:  # the whole model as one graph: ~10% faster than per block for a CPU bf16 DPO step
+                model.compile()
         self.engine = self.dist.wrap(model, self.t.precision)  # what forward passes go through (DDP/FSDP2)
         self.eval_objective = eval_objective or objective  # differs only when reference log-probs are cached
         self.train_batches, self.eval_batches = train_batches, eval_batches or []
