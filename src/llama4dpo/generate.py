@@ -110,8 +110,9 @@ def compiled_decode(model) -> Callable:
 def static_cache(model, batch_size: int, max_len: int) -> Iterator:
     """An empty KV cache for the compiled step, the same tensors at every use of a batch size, length, dtype and
     device, so that the step neither recompiles nor (on CUDA) records its graph again. On CUDA its tensors are
-    marked as static addresses, which CUDA graphs need to update them in place. Taken while in use: a nested or concurrent
-    generation of the same shape gets a cache of its own. The model keeps one per shape (small next to it)."""
+    marked as static addresses, which CUDA graphs need to update them in place. Taken while in use: a nested or
+    concurrent generation of the same shape gets a cache of its own. The model keeps one per shape (small next
+    to it)."""
     import torch._dynamo
     caches = model.__dict__.setdefault("_static_caches", {})
     key = (batch_size, max_len, model.cache_dtype(), model.embed_tokens.weight.device)
