@@ -110,13 +110,19 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, d)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S_kv, d)
-        dtype = q.dtype
         scale = 1 / math.sqrt(self.head_dim)
         dropout = self.dropout if self.training else 0.0
+        small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and small:
+            y = bf16_attention(q, k, v, mask, scale, dropout)
+        else:
+            y = self._sdpa(q, k, v, mask, scale, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def _sdpa(self, q, k, v, mask, scale: float, dropout: float) -> torch.Tensor:
+        """PyTorch's fused attention kernels (SDPA), q's dtype in and out."""
+        dtype = q.dtype
         if q.device.type == "cpu" and dtype == torch.bfloat16:  # CPU's bf16 SDPA kernels run ~1.4x slower than fp32
-            if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_SCORES:
-                y = bf16_attention(q, k, v, mask, scale, dropout)
-                return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
             q, k, v = q.float(), k.float(), v.float()
         gqa = self.n_kv_heads != self.n_heads  # kv head j serves query heads j*g .. j*g+g-1
         if gqa and mask is not None and q.device.type == "cuda":
@@ -126,10 +132,9 @@ class Attention(nn.Module):
             k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
         if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)  # an additive mask cast on the way (e.g. by FSDP2's bf16 policy) must match q
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=dropout, scale=scale, enable_gqa=gqa)
-        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                           scale=scale, enable_gqa=gqa)
+        return y.to(dtype)
 
     def init_weights(self, std: float) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):

@@ -94,7 +94,7 @@ class LlamaModel(nn.Module):
                 position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
         if segment_ids is not None:
             masks = shared_prefix_masks(position_ids, segment_ids, self.cfg.attention_chunk_size)
-            if input_ids.device.type == "cpu":  # CPU SDPA (always fp32 there) runs ~20% faster on an additive mask
+            if input_ids.device.type == "cpu":  # CPU SDPA (run in fp32) is ~20% faster on an additive mask
                 masks = tuple(None if m is None else torch.zeros(m.shape, device=m.device).masked_fill_(~m, -torch.inf)
                               for m in masks)
         else:
