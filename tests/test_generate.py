@@ -76,6 +76,19 @@ def test_stops_at_eos(model):
         assert 2 not in ids[:-1]  # nothing after an eos
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_row_that_stops_leaves_the_others_unchanged(model, use_cache):
+    """eos mid-batch: each row is its run without an eos, cut after its first eos; rows still going are unaffected
+    by the finished one (fed pad from then on)."""
+    s = Sampling(max_new_tokens=12)
+    free = generate_ids(model, PROMPTS, s, eos_id=-1, pad_id=0, use_cache=use_cache)  # -1: never produced
+    # eos: a token some row produces midway and another row never does (so one stops, one goes on to the end)
+    eos = next(t for ids in free for t in ids[1:-1] if any(t not in other for other in free))
+    want = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in free]
+    assert 1 < min(len(w) for w in want) and max(len(w) for w in want) == 12
+    assert generate_ids(model, PROMPTS, s, eos_id=eos, pad_id=0, use_cache=use_cache) == want
+
+
 def test_prompt_longer_than_context_is_a_clear_error(model):
     with pytest.raises(UserError, match="exceeds the model's context of 64 tokens"):
         gen(model, [[1] * 60], Sampling(max_new_tokens=10))

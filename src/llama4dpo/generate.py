@@ -171,19 +171,21 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
     """The token loop of generate_ids: prefill (into the cache, if any), then one token per step."""
     B = len(ids)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    done = [False] * B  # rows that produced eos: fed pad from then on, their tokens dropped
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
     for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        values = tok.tolist()  # (one read of the step's tokens, not one per row)
-        for i in (~done).nonzero().flatten().tolist():
-            out[i].append(values[i])
-            if on_token:
-                on_token(i, values[i])
-        done |= tok == eos_id
-        if done.all() or step == s.max_new_tokens - 1:  # (no forward for logits nobody reads)
+        values = tok.tolist()  # (the step's one read of its tokens; the rest of the bookkeeping in Python)
+        for i, v in enumerate(values):
+            if not done[i]:
+                out[i].append(v)
+                if on_token:
+                    on_token(i, v)
+                done[i] = v == eos_id
+        if all(done) or step == s.max_new_tokens - 1:  # (no forward for logits nobody reads)
             break
+        if any(done):
+            tok = torch.tensor([pad_id if d else v for d, v in zip(done, values)], device=tok.device)
         if cache is not None:
             logits = decode(tok[:, None], cache)
         else:
