@@ -142,6 +142,14 @@ def test_compiled_decoding_gives_the_eager_tokens(model):
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     assert gen(model, PROMPTS, s, compile=True) == gen(model, PROMPTS, s) != want
+    # ... which drops every model's compiled code: a second model's step, which skips guard evaluation for
+    # shapes it has run, compiles again
+    other = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=5).eval()
+    assert gen(other, PROMPTS[:1], s, compile=True) == gen(other, PROMPTS[:1], s)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    assert gen(model, PROMPTS, s, compile=True) == gen(model, PROMPTS, s)
+    assert gen(other, PROMPTS[:1], s, compile=True) == gen(other, PROMPTS[:1], s)
 
 
 def test_a_reused_static_cache_decodes_as_a_fresh_one():
