@@ -7,6 +7,7 @@ import torch
 
 from llama4dpo import Config, LlamaModel
 from llama4dpo.data import collate_sft
+from llama4dpo.errors import ConfigError
 from llama4dpo.train.batches import ExampleBatches
 from llama4dpo.train.objectives import LanguageModeling
 from llama4dpo.train.trainer import Trainer, TrainingDiverged, lr_at, make_optimizer
@@ -92,6 +93,39 @@ def test_compiled_model_gives_the_eager_losses(tmp_path):
         assert [n for n, _ in model.named_parameters()] == names
         assert (model._compiled_call_impl is not None) == (flag == "true")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_activation_memory_budget_keeps_fewer_bytes_for_backward(tmp_path):
+    """train.activation_memory_budget < 1: the compiled step saves fewer bytes for backward (it recomputes some
+    activations), with the same losses. bf16, where the whole model is one graph."""
+    import torch._dynamo
+    losses, saved = {}, {}
+    for budget in ("1.0", "0.3"):
+        torch._dynamo.reset()  # each model compiled afresh, as in its own process
+        cfg = Config.load("configs/tiny.toml", CFG + ["train.compile=true", "train.precision=bf16", "train.batch_size=4",
+                                                      f"train.activation_memory_budget={budget}"])
+        model = LlamaModel(cfg.model).init_weights(seed=0)
+        batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 1, seed=0)
+        trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path / budget, device=torch.device("cpu"),
+                          show_progress=False)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}  # storage -> bytes of the tensors saved for backward, parameters aside
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses[budget] = [trainer.train_step()["loss"] for _ in range(2)]
+        saved[budget] = sum(kept.values())
+    assert losses["0.3"] == pytest.approx(losses["1.0"], rel=1e-3)
+    assert saved["0.3"] < 0.9 * saved["1.0"], saved
+
+
+def test_activation_memory_budget_needs_compile():
+    with pytest.raises(ConfigError, match="set train.compile=true"):
+        Config.load("configs/tiny.toml", ["train.activation_memory_budget=0.5"])
 
 
 def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatch):

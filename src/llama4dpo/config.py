@@ -200,6 +200,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     compile: bool = False            # torch.compile the model (per block under FSDP2); CPU bf16 DPO step +23%
+    activation_memory_budget: float = 1.0  # with compile, < 1 recomputes activations in backward to save memory
     tensorboard: bool = False
 
     def validate(self) -> None:
@@ -216,6 +217,10 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0.0 <= self.activation_memory_budget <= 1.0:
+            raise ConfigError(f"train.activation_memory_budget: must be in [0, 1], got {self.activation_memory_budget}")
+        if self.activation_memory_budget < 1.0 and not self.compile:
+            raise ConfigError("train.activation_memory_budget < 1 acts through torch.compile: set train.compile=true")
 
 
 @dataclass

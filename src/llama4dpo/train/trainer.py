@@ -59,6 +59,15 @@ def autocast(t: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def memory_budget(t: TrainConfig):
+    """train.activation_memory_budget for torch.compile's partitioner, read as a graph compiles: below 1 it keeps
+    at most that share of the activations it would save for backward, and recomputes the cheapest of the rest."""
+    if t.compile and t.activation_memory_budget < 1.0:
+        import torch._functorch.config
+        return torch._functorch.config.patch(activation_memory_budget=t.activation_memory_budget)
+    return contextlib.nullcontext()
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "index" else v for k, v in batch.items()}
 
@@ -119,7 +128,8 @@ class Trainer:
         tokens = sum(sequence_tokens(b) for b in micro)
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
-            with self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t, self.device):
+            with (self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t, self.device),
+                  memory_budget(t)):
                 out = self.objective(self.engine, batch)
                 loss = out.loss_sum * world / total
                 aux = model.aux_loss() if hasattr(model, "aux_loss") else None
