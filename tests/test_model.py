@@ -208,18 +208,6 @@ def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
                                      torch.zeros(6, dtype=torch.long)).shape == (0, 32)
 
 
-def test_take_rows_gradient():
-    """take_rows (a gather whose backward stores rows back instead of adding them in) has the gradient of x[index]
-    for an index taking each row at most once: a permutation, and fewer rows (the untaken ones get 0)."""
-    from llama4dpo.model.moe import take_rows
-    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    for index in (torch.randperm(6), torch.tensor([4, 0, 2])):
-        assert torch.autograd.gradcheck(lambda t: take_rows(t, index), (x,))
-        g = torch.randn(len(index), 3, dtype=torch.float64)
-        torch.testing.assert_close(torch.autograd.grad(take_rows(x, index), x, g)[0],
-                                   torch.autograd.grad(x[index], x, g)[0], atol=0, rtol=0)
-
-
 def test_padded_expert_groups_equal_unpadded_values_and_grads():
     """CPU bf16 rounds expert groups up to 64 rows; the padding rows must not change any value or gradient."""
     experts = moe_module.ExpertMLP(5, 16, 24)
