@@ -105,9 +105,9 @@ def compiled_decode(model) -> Callable:
             return compiled(tokens, cache)
 
     def fn(tokens: torch.Tensor, cache) -> torch.Tensor:
-        key = (tokens.shape, cache.k[0].shape, cache.k[0].dtype, model.training, torch.is_grad_enabled(),
-               torch.is_inference_mode_enabled(), torch.is_autocast_enabled(device.type),
-               torch.get_autocast_dtype(device.type))
+        key = None if cuda else (tokens.shape, cache.k[0].shape, cache.k[0].dtype, model.training,
+                                 torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         try:
             if key in seen:
                 try:
@@ -116,7 +116,7 @@ def compiled_decode(model) -> Callable:
                     if "skip_guard_eval_unsafe" not in str(e):
                         raise
             out = run(tokens, cache, skip_guards=False)
-            if not cuda:
+            if key is not None:
                 seen.add(key)
             return out
         except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as e:

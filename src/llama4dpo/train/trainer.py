@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 
 from ..config import Config, TrainConfig
 from ..errors import UserError
@@ -62,8 +63,7 @@ def autocast(t: TrainConfig, device: torch.device):
 def memory_budget(t: TrainConfig):
     """train.activation_memory_budget for torch.compile's partitioner, read as a graph compiles: below 1 it keeps
     at most that share of the activations it would save for backward, and recomputes the cheapest of the rest."""
-    if t.compile and t.activation_memory_budget < 1.0:
-        import torch._functorch.config
+    if t.activation_memory_budget < 1.0:  # (validated: only with train.compile)
         return torch._functorch.config.patch(activation_memory_budget=t.activation_memory_budget)
     return contextlib.nullcontext()
 
