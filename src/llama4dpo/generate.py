@@ -193,7 +193,8 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
     B = len(ids)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B  # rows that produced eos: fed pad from then on, their tokens dropped
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
+    last = torch.full((B, 1), ids.shape[1] - 1, device=ids.device)  # the LM head on the last position only
+    logits = model(ids, attention_mask=mask, cache=cache, logit_index=last)[:, 0]
     for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         values = tok.tolist()  # (the step's one read of its tokens; the rest of the bookkeeping in Python)
