@@ -15,6 +15,21 @@ from .norm import RMSNorm
 from .rope import RotaryPositionalEmbedding
 
 
+def _packed_masks(position_ids, segment_ids, chunk_size):
+    """`shared_prefix_masks`; on CPU in additive form (0 / -inf), on which CPU SDPA (run in fp32) is ~20% faster."""
+    masks = shared_prefix_masks(position_ids, segment_ids, chunk_size)
+    if position_ids.device.type == "cpu":
+        masks = tuple(None if m is None else torch.zeros(m.shape, device=m.device).masked_fill_(~m, -torch.inf)
+                      for m in masks)
+    return masks
+
+
+# On CPU the masks are built outside any compiled graph (a graph break under `train.compile`): compiled, inductor
+# fuses their construction (int64 compares, a floor division by the chunk size) into every layer's softmax kernel,
+# per score. Built once instead, the compiled bf16 DPO step ran 1.04-1.06x faster (A/B, 15m preset, same losses).
+_packed_masks_uncompiled = torch.compiler.disable(_packed_masks)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -93,10 +108,8 @@ class LlamaModel(nn.Module):
             else:
                 position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
         if segment_ids is not None:
-            masks = shared_prefix_masks(position_ids, segment_ids, self.cfg.attention_chunk_size)
-            if input_ids.device.type == "cpu":  # CPU SDPA (run in fp32) is ~20% faster on an additive mask
-                masks = tuple(None if m is None else torch.zeros(m.shape, device=m.device).masked_fill_(~m, -torch.inf)
-                              for m in masks)
+            build = _packed_masks_uncompiled if input_ids.device.type == "cpu" else _packed_masks
+            masks = build(position_ids, segment_ids, self.cfg.attention_chunk_size)
         else:
             masks = self._masks(position_ids, attention_mask, cache, S, last_position)
         rope = self.rotary_emb(position_ids)
