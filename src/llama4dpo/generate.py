@@ -78,8 +78,8 @@ def compiled_decode(model) -> Callable:
     cuda = device.type == "cuda"
     made = model.__dict__.setdefault("_compiled_decode", {})
     # On CPU the weights are compiled in as constants ("freezing": oneDNN gets them prepacked; batch 8 decoded
-    # ~1.2x faster in A/B runs here), and products of one input are concatenated into one (q/k/v; router and the
-    # shared expert's gate/up): each oneDNN call costs ~14 us however small, batch 1 decoded 1.16-1.20x faster.
+    # ~1.2x faster in A/B runs here), and products of one input are concatenated into one (e.g. q/k/v): each
+    # oneDNN call costs ~14 us however small; batch 1 decoded 1.16-1.20x faster.
     # The step must then compile again when the weights change (updated in place, loaded): torch.compile keeps
     # compiled code per function and would reuse it, so all of it is dropped.
     weights = None if cuda else [(t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())]
@@ -105,7 +105,8 @@ def compiled_decode(model) -> Callable:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # ~33 us a step saved
                 return compiled(tokens, cache)
         with (torch._dynamo.config.patch(capture_scalar_outputs=True),  # a lone token's expert, in the graph
-              torch._inductor.config.patch({"freezing": not cuda, "cpp.enable_concat_linear": not cuda})):
+              torch._inductor.config.patch({"freezing": not cuda, "cpp.enable_concat_linear": not cuda}),
+              torch.compiler.set_stance("default")):
             return compiled(tokens, cache)
 
     def fn(tokens: torch.Tensor, cache) -> torch.Tensor:
