@@ -198,8 +198,12 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
     B = len(ids)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B  # rows that produced eos: fed pad from then on, their tokens dropped
-    last = torch.full((B, 1), ids.shape[1] - 1, device=ids.device)  # the LM head on the last position only
-    logits = model(ids, attention_mask=mask, cache=cache, logit_index=last)[:, 0]
+
+    def last_logits(ids, mask, cache=None):  # (B, V): the LM head on the last position only
+        last = torch.full((B, 1), ids.shape[1] - 1, device=ids.device)
+        return model(ids, attention_mask=mask, cache=cache, logit_index=last)[:, 0]
+
+    logits = last_logits(ids, mask, cache)
     for step in range(s.max_new_tokens):
         tok = next_token(logits, s, generator)
         values = tok.tolist()  # (the step's one read of its tokens; the rest of the bookkeeping in Python)
@@ -218,7 +222,7 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
         else:
             ids = torch.cat([ids, tok[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(ids, attention_mask=mask)[:, -1]
+            logits = last_logits(ids, mask)
     return out
 
 
