@@ -18,6 +18,8 @@ ops. This script measures, side by side on the 15M configuration (8 experts, fp3
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -76,6 +78,7 @@ def main():
     from transformers import Llama4ForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="decode_bound_"))
+    atexit.register(shutil.rmtree, work, True)  # ~120 MB of checkpoints a run
     ckpt, hf_dir, info = build_checkpoints("15m", 8, work)
     ours = load_model(ckpt, "cpu").eval()
     hf = Llama4ForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()

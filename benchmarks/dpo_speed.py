@@ -37,8 +37,10 @@ Llama4TextConfig lacks); bf16 and gradient_checkpointing are always set explicit
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -832,6 +834,7 @@ def main():
                          preset=preset, device=args.device, machine=machine, versions=versions, pairs=P["pairs"],
                          seq=P["seq"], steps=steps, warmup=warmup, models={}, dpo=[], fwdbwd=[], gen=[], peak={})
     workdir = Path(tempfile.mkdtemp(prefix="dpo_speed_"))
+    atexit.register(shutil.rmtree, workdir, True)  # ~120 MB of checkpoints a run
 
     # matmul peak first (the same run, the same machine state as the rest)
     if "peak" not in skip:
@@ -922,8 +925,6 @@ def main():
         from _report import write_section
         write_section(args.section, report)
         print(f"wrote section {args.section!r} of BENCHMARKS.md", flush=True)
-    import shutil
-    shutil.rmtree(workdir, ignore_errors=True)
     failed = [r for r in results["dpo"] if "error" in r]
     if failed and not any("error" not in r and SETTINGS[r["setting"]]["side"] == "ours" for r in results["dpo"]):
         sys.exit(1)

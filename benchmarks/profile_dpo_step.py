@@ -14,7 +14,9 @@ ran them with `with_modules`/stack when available).
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ def main():
 
     P = PRESETS[args.preset]
     work = Path(tempfile.mkdtemp(prefix="profile_dpo_"))
+    atexit.register(shutil.rmtree, work, True)  # ~120 MB of checkpoints a run
     ckpt, _, info = build_checkpoints(args.preset, args.experts, work)
     device = torch.device(args.device)
     n = args.warmup + args.steps
