@@ -165,3 +165,45 @@ def test_additive_mask_in_another_dtype_than_the_query():
         want = attn(x.bfloat16(), rope, pos, bool_mask).float()
         got = attn(x.bfloat16(), rope, pos, additive.bfloat16()).float()
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("layers", [4, 3])  # the last layer MoE, or dense
+def test_logit_index_scores_only_its_positions(layers):
+    """logit_index (B, M) gives the full forward's outputs at those positions, while the last layer's
+    feed-forward runs on those M positions alone (its expert load counts them) - unless that layer's balance
+    loss is on, which is a mean over every position."""
+    torch.manual_seed(0)
+    b = collate_preference_shared(pairs(3, seed=1), pad_id=0)
+    kw = dict(position_ids=b["position_ids"], segment_ids=b["segment_ids"])
+    index = b["logit_index"]
+    for coef in (0.0, 0.01):
+        model = LlamaModel(ModelConfig(**{**TINY, "num_hidden_layers": layers, "router_aux_loss_coef": coef}))
+        model.init_weights(seed=0).train()
+        full = model(b["input_ids"], **kw)
+        full_aux, full_load = model.aux_loss(), model.expert_load()
+        scored = model(b["input_ids"], logit_index=index, **kw)
+        expected = full.gather(1, index[:, :, None].expand(-1, -1, full.shape[-1]))
+        torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
+        load = model.expert_load()
+        assert load[1] == full_load[1]  # an earlier layer: every position
+        if layers == 4 and coef == 0:
+            assert sum(load[3]) == index.numel() < sum(full_load[3])
+        elif layers == 4:
+            assert load[3] == full_load[3] and torch.equal(model.aux_loss(), full_aux)
+
+
+def test_logit_index_on_plain_causal_rows():
+    """Without segment_ids (causal attention, chunked layers' masks built, full layers' left to SDPA) and with
+    a cache (a prefill): the outputs at logit_index are the full forward's there."""
+    torch.manual_seed(0)
+    model = LlamaModel(ModelConfig(**TINY)).init_weights(seed=0).eval()
+    ids = torch.randint(3, 40, (2, 11))
+    index = torch.tensor([[10, 3, 7], [0, 10, 10]])
+    full = model(ids)
+    expected = full.gather(1, index[:, :, None].expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(model(ids, logit_index=index), expected, rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(2, 16)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        prefill = model(ids, attention_mask=mask, cache=cache, logit_index=index)
+    torch.testing.assert_close(prefill, expected, rtol=1e-5, atol=1e-5)

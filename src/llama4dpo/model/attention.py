@@ -91,16 +91,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * d, D, bias=cfg.attention_bias)
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, S, D); rope = (cos, sin) for the S positions; mask: bool (B|1, 1, S, S_kv) where True means
-        "may attend" (or its additive float form, 0 / -inf), or None for plain causal attention over exactly
-        these S tokens."""
+                mask: torch.Tensor | None, cache: KVCache | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D); rope = (cos, sin) for the S positions; mask: bool (B|1, 1, S, S_kv) where
+        True means "may attend" (or its additive float form, 0 / -inf), or None for plain causal attention over
+        exactly these S tokens. With keep (B, M), queries (and outputs) only at those positions: (B, M, D)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        rope_k = rope
+        if keep is not None:
+            x, positions, rope = take(x, keep), take(positions, keep), tuple(take(r, keep) for r in rope)
+            mask = _mask_rows(mask, keep, S, cache)
+        q = self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim)
         if self.use_rope:
-            q, k = RotaryPositionalEmbedding.rotate(q, *rope), RotaryPositionalEmbedding.rotate(k, *rope)
+            q, k = RotaryPositionalEmbedding.rotate(q, *rope), RotaryPositionalEmbedding.rotate(k, *rope_k)
             if self.qk_norm is not None:
                 q, k = self.qk_norm(q), self.qk_norm(k)
         if self.temperature_tuning:
@@ -117,7 +122,7 @@ class Attention(nn.Module):
             y = bf16_attention(q, k, v, mask, scale, dropout)
         else:
             y = self._sdpa(q, k, v, mask, scale, dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, -1, self.n_heads * self.head_dim))
 
     def _sdpa(self, q, k, v, mask, scale: float, dropout: float) -> torch.Tensor:
         """PyTorch's fused attention kernels (SDPA), q's dtype in and out."""
@@ -141,6 +146,21 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, S, ...), index (B, M) -> (B, M, ...): x[b, index[b, m]]."""
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def _mask_rows(mask: torch.Tensor | None, keep: torch.Tensor, S: int, cache: KVCache | None) -> torch.Tensor:
+    """The rows of the queries at `keep` (B, M) of an attention mask: (B, 1, M, S_kv)."""
+    if mask is None:  # causal over exactly these S tokens: key index <= query index
+        if cache is not None:
+            raise ValueError("attention over a cache takes an explicit mask")
+        return (torch.arange(S, device=keep.device) <= keep[:, :, None])[:, None]
+    mask = mask.expand(len(keep), *mask.shape[1:])
+    return mask.gather(2, keep[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
 
 
 def attention_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor | None,

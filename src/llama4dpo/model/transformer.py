@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, KVCache, attention_masks, shared_prefix_masks
+from .attention import Attention, KVCache, attention_masks, shared_prefix_masks, take
 from .moe import MoE, FeedForward
 from .norm import RMSNorm
 from .rope import RotaryPositionalEmbedding
@@ -39,9 +39,12 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.hidden_size, cfg.dense_size)
 
-    def forward(self, x, rope, positions, masks, cache=None):
+    def forward(self, x, rope, positions, masks, cache=None, keep=None):
+        """x (B, S, D) -> (B, S, D); with keep (B, M), only those positions' outputs, (B, M, D): attention then
+        takes queries there alone (keys and values stay at every position), and the feed-forward runs there."""
         mask = masks[1] if self.self_attn.chunked else masks[0]
-        h = x + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache)
+        residual = x if keep is None else take(x, keep)
+        h = residual + self.self_attn(self.input_layernorm(x), rope, positions, mask, cache, keep)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
     def init_weights(self, std: float) -> None:
@@ -115,12 +118,18 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(position_ids)
 
         x = self.embed_tokens(input_ids)  # (B, S, D); Llama 4 does not scale embeddings
-        for layer in self.layers:
-            x = layer(x, rope, position_ids, masks, cache)
+        # Only the positions in logit_index are scored: the last layer's queries and feed-forward are taken there
+        # alone, and so are the final norm and LM head. (Not where that layer's balance loss is on: it is a mean
+        # over all positions.) 15m DPO benchmark, a third of each packed row prompt: 1.09x a step (feed-forward),
+        # then 1.006-1.03x (queries).
+        last = len(self.layers) - 1
+        early = logit_index is not None and not (self.layers[last].is_moe and self.cfg.router_aux_loss_coef > 0)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, position_ids, masks, cache, keep=logit_index if early and i == last else None)
         if cache is not None:
             cache.slot.add_(S)
-        if logit_index is not None:  # only the positions that are scored: no final norm or LM head on the others
-            x = x.gather(1, logit_index[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, M, D)
+        if logit_index is not None and not early:
+            x = take(x, logit_index)  # (B, M, D)
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 
