@@ -102,7 +102,7 @@ class Attention(nn.Module):
         rope_k = rope
         if keep is not None:
             x, positions, rope = take(x, keep), take(positions, keep), tuple(take(r, keep) for r in rope)
-            mask = _mask_rows(mask, keep, S, cache)
+            mask = _mask_rows(mask, keep, S)
         q = self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim)
         if self.use_rope:
             q, k = RotaryPositionalEmbedding.rotate(q, *rope), RotaryPositionalEmbedding.rotate(k, *rope_k)
@@ -153,11 +153,9 @@ def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
 
 
-def _mask_rows(mask: torch.Tensor | None, keep: torch.Tensor, S: int, cache: KVCache | None) -> torch.Tensor:
+def _mask_rows(mask: torch.Tensor | None, keep: torch.Tensor, S: int) -> torch.Tensor:
     """The rows of the queries at `keep` (B, M) of an attention mask: (B, 1, M, S_kv)."""
     if mask is None:  # causal over exactly these S tokens: key index <= query index
-        if cache is not None:
-            raise ValueError("attention over a cache takes an explicit mask")
         return (torch.arange(S, device=keep.device) <= keep[:, :, None])[:, None]
     mask = mask.expand(len(keep), *mask.shape[1:])
     return mask.gather(2, keep[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
