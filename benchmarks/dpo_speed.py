@@ -116,8 +116,11 @@ SETTINGS = {
     # the same with train.activation_memory_budget=0.8: the compiled step recomputes some activations in backward
     "ours-bf16-preref-compile-lean": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True,
                                           budget=0.8),
-    # experiment (GPU): each block compiled as CUDA graphs (mode "reduce-overhead"), set up here, not in the trainer
-    "ours-bf16-preref-graphs": dict(side="ours", precision="bf16", gc=False, preref=True, graphs=True),
+    # train.compile_mode=reduce-overhead: the compiled model's graphs replayed as CUDA graphs (on CPU: as compile)
+    "ours-bf16-cgraphs":  dict(side="ours", precision="bf16", gc=False, preref=False, compile=True,
+                               mode="reduce-overhead"),
+    "ours-bf16-preref-cgraphs": dict(side="ours", precision="bf16", gc=False, preref=True, compile=True,
+                                     mode="reduce-overhead"),
     # dpo.share_prompt=false: [chosen; rejected] rows, the prompt computed twice (the layout TRL uses)
     "ours-fp32-unshared": dict(side="ours", precision="fp32", gc=False, preref=False, share=False),
     "ours-bf16-unshared": dict(side="ours", precision="bf16", gc=False, preref=False, share=False),
@@ -133,6 +136,10 @@ SETTINGS = {
 }
 
 
+def _prec(row: dict) -> str:
+    return SETTINGS[row["setting"]]["precision"]
+
+
 def describe(name: str) -> str:
     s = SETTINGS[name]
     side = {"ours": "llama4dpo Trainer", "trl": "TRL DPOTrainer", "hf": "transformers + hand-written DPO"}[s["side"]]
@@ -140,7 +147,7 @@ def describe(name: str) -> str:
     extra = (", grad ckpt" if s["gc"] else "") + (", precomputed ref" if s["preref"] else "") + \
         (", torch.compile" if s.get("compile") else "") + \
         (f", activation memory budget {s['budget']}" if s.get("budget") else "") + \
-        (", blocks as CUDA graphs" if s.get("graphs") else "") + \
+        (", CUDA graphs" if s.get("mode") == "reduce-overhead" else "") + \
         (", no prefix sharing" if s.get("share") is False else "")
     return f"{side} ({prec}{extra})"
 
@@ -354,7 +361,7 @@ def worker(spec: dict) -> dict:
     if spec["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     fn = {"ours": _dpo_ours, "trl": _dpo_trl, "hf": _dpo_hf}[SETTINGS[spec["setting"]]["side"]]
-    times, others, tokens = fn(spec, SETTINGS[spec["setting"]])
+    times, others, tokens, *losses = fn(spec, SETTINGS[spec["setting"]])
     w = spec["warmup"]
     med, n_quiet = quiet_median(times[w:], others[w:])
     out = dict(setting=spec["setting"], experts=spec["experts"], tokens_per_step=tokens, step_s=med,
@@ -370,6 +377,8 @@ def worker(spec: dict) -> dict:
         st.get("share", True) else tokens
     if spec["device"].startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if losses:
+        out["losses"] = [round(v, 6) for v in losses[0]]
     return out
 
 
@@ -388,7 +397,7 @@ def _dpo_ours(spec, s):
     cfg.train = TrainConfig(batch_size=spec["pairs"], grad_accum_steps=1, precision=s["precision"],
                             device=spec["device"], lr=1e-6, warmup_steps=0, max_steps=n_steps, weight_decay=0.0,
                             grad_clip=1.0, seed=spec["seed"], compile=s.get("compile", False),
-                            activation_memory_budget=s.get("budget", 1.0))
+                            compile_mode=s.get("mode", "default"), activation_memory_budget=s.get("budget", 1.0))
     cfg.dpo = DPOConfig(beta=0.1, precompute_ref=s["preref"], share_prompt=s.get("share", True))
     cfg.validate()
     examples = make_examples(spec["pairs"] * n_steps, spec["seq"], cfg.model.vocab_size, spec["seed"])
@@ -404,24 +413,17 @@ def _dpo_ours(spec, s):
         objective = Preference(cfg.dpo, reference=load_model(spec["ckpt"], device).requires_grad_(False))
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
-    step = trainer.train_step
-    if s.get("graphs"):  # the host issues one graph replay per block instead of its kernels
-        for block in model.layers:
-            block.compile(mode="reduce-overhead")
-
-        def step():
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
-            return trainer.train_step()
-    for _ in range(6 if s.get("compile") or s.get("graphs") else 0):  # compile (and recompile) before timing
-        step()
+    for _ in range(6 if s.get("compile") else 0):  # compile (and recompile; record CUDA graphs) before timing
+        trainer.train_step()
     trainer.step = 0
     clock = StepClock(device)
+    losses = []  # each step's loss: every llama4dpo setting trains the same weights on the same data
     for _ in range(n_steps):
-        step()
+        losses.append(trainer.train_step()["loss"])
         clock.tick()
     # the same count on every side: prompt+chosen and prompt+rejected rows (equal-length rows, no padding),
     # whether or not our rows hold the prompt once (prefix sharing)
-    return clock.times, clock.others, 2 * spec["pairs"] * spec["seq"]
+    return clock.times, clock.others, 2 * spec["pairs"] * spec["seq"], losses
 
 
 def _load_hf(hf_dir, device):
@@ -870,6 +872,8 @@ def main():
                         print(f"E={E:2d} {name:20s} {r['tokens_per_s']:9,.0f} tok/s  step {r['step_s']:.3f} s "
                               f"({r['quiet_steps']}/{r['steady_steps']} quiet)  {mem}  steps {r['step_times']}  "
                               f"other procs (cores) {r['others']}", flush=True)
+                        if "losses" in r:  # llama4dpo settings train the same weights on the same data
+                            print(f"      losses {r['losses']}", flush=True)
             for name in names:
                 results["dpo"].append(pool_rounds(runs[name], warmup))
 
@@ -1024,6 +1028,17 @@ def render(res: dict) -> str:
                 parts.append(f"fastest ours vs TRL's defaults (bf16 + grad ckpt): "
                              f"**{bo['tokens_per_s'] / rows['trl-default']['tokens_per_s']:.2f}x**")
             lines.append(f"- E={E}: " + "; ".join(parts))
+            for prec in ("fp32", "bf16"):  # one precision's llama4dpo settings train the same weights, same data
+                same = [r for r in ours.values() if r.get("losses") and _prec(r) == prec]
+                if len(same) < 2:
+                    continue
+                # against the first compiled one where there is one: CUDA graphs should replay its very kernels
+                base = next((r for r in same if SETTINGS[r["setting"]].get("compile")), same[0])
+                diffs = ", ".join(f"{r['setting']} {max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.1e}"
+                                  for r in same if r is not base)
+                lines.append(f"  - same training, step by step: max |loss - {base['setting']}'s loss| over "
+                             f"{len(base['losses'])} steps: {diffs} (losses {base['losses'][0]:.4f} .. "
+                             f"{base['losses'][-1]:.4f})")
     if res["fwdbwd"]:
         lines += ["", "### Model forward + backward alone (cross-entropy, no optimizer)", "",
                   "| experts | precision | tokens | llama4dpo (ms) | transformers (ms) | speed-up | llama4dpo MFU | "

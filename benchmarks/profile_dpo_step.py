@@ -39,6 +39,7 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--preref", action="store_true", help="precomputed reference log-probs")
     p.add_argument("--compile", action="store_true", help="train.compile=true (6 more warm-up steps: compiling)")
+    p.add_argument("--compile-mode", default="default", help="train.compile_mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
     p.add_argument("--rows", type=int, default=30)
@@ -66,7 +67,8 @@ def main():
     n = args.warmup + args.steps
     cfg = Config.load_json(ckpt / "config.json")
     cfg.train = TrainConfig(batch_size=P["pairs"], precision=args.precision, device=args.device, lr=1e-6,
-                            warmup_steps=0, max_steps=n + 6, weight_decay=0.0, compile=args.compile)
+                            warmup_steps=0, max_steps=n + 6, weight_decay=0.0, compile=args.compile,
+                            compile_mode=args.compile_mode)
     cfg.dpo = DPOConfig(precompute_ref=args.preref)
     if args.compile:
         args.warmup += 6  # torch.compile compiles, and recompiles for new shapes, in the first steps
@@ -96,10 +98,14 @@ def main():
             with record_function("train_step"):
                 trainer.train_step()
             times.append(time.perf_counter() - t)
-    print(f"{args.preset} E={args.experts} {args.precision}{' preref' if args.preref else ''}: "
+    print(f"{args.preset} E={args.experts} {args.precision}{' preref' if args.preref else ''}"
+          f"{' compile ' + args.compile_mode if args.compile else ''}: "
           f"{info['total_params'] / 1e6:.1f}M params; profiled step times {[round(t, 3) for t in times]} s "
           f"(profiler overhead included), {torch.get_num_threads()} threads")
     ka = prof.key_averages(group_by_input_shape=args.shapes)
+    if cuda:  # is the card or the host behind? kernel time against wall time
+        busy = sum(e.self_device_time_total for e in ka) / 1e3 / args.steps
+        print(f"GPU busy {busy:.1f} ms a step (kernels' own time) of {1e3 * sum(times) / len(times):.1f} ms wall")
     print(ka.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows,
                    max_name_column_width=60,
                    max_shapes_column_width=70))

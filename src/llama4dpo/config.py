@@ -179,6 +179,10 @@ class DataConfig:
                               f"got {self.max_prompt_length}")
 
 
+# torch.compile's modes; the two with CUDA graphs record each compiled graph once per shape and replay it (on CUDA)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
@@ -200,6 +204,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     compile: bool = False            # torch.compile the model (per block under FSDP2); CPU bf16 DPO step +23%
+    compile_mode: str = "default"    # torch.compile's mode; "reduce-overhead": the compiled graphs as CUDA graphs
     activation_memory_budget: float = 1.0  # with compile, < 1 recomputes activations in backward to save memory
     tensorboard: bool = False
 
@@ -221,6 +226,11 @@ class TrainConfig:
             raise ConfigError(f"train.activation_memory_budget: must be in [0, 1], got {self.activation_memory_budget}")
         if self.activation_memory_budget < 1.0 and not self.compile:
             raise ConfigError("train.activation_memory_budget < 1 acts through torch.compile: set train.compile=true")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_mode: must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r} acts through torch.compile: "
+                              "set train.compile=true")
 
 
 @dataclass
