@@ -413,11 +413,12 @@ def _dpo_ours(spec, s):
         objective = Preference(cfg.dpo, reference=load_model(spec["ckpt"], device).requires_grad_(False))
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
+    # each step's loss, from the first: every llama4dpo setting trains the same weights on the same data
+    losses = []
     for _ in range(6 if s.get("compile") else 0):  # compile (and recompile; record CUDA graphs) before timing
-        trainer.train_step()
+        losses.append(trainer.train_step()["loss"])
     trainer.step = 0
     clock = StepClock(device)
-    losses = []  # each step's loss: every llama4dpo setting trains the same weights on the same data
     for _ in range(n_steps):
         losses.append(trainer.train_step()["loss"])
         clock.tick()
@@ -1036,9 +1037,10 @@ def render(res: dict) -> str:
                 base = next((r for r in same if SETTINGS[r["setting"]].get("compile")), same[0])
                 diffs = ", ".join(f"{r['setting']} {max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.1e}"
                                   for r in same if r is not base)
-                lines.append(f"  - same training, step by step: max |loss - {base['setting']}'s loss| over "
-                             f"{len(base['losses'])} steps: {diffs} (losses {base['losses'][0]:.4f} .. "
-                             f"{base['losses'][-1]:.4f})")
+                first = ", ".join(f"{r['setting']} {r['losses'][0]:.6f}" for r in same)
+                lines.append(f"  - same training, step by step (the untimed compile steps first, then the timed "
+                             f"ones): loss (summed over the step's pairs) at the first step {first}; max |loss - "
+                             f"{base['setting']}'s loss| over the steps both ran: {diffs}")
     if res["fwdbwd"]:
         lines += ["", "### Model forward + backward alone (cross-entropy, no optimizer)", "",
                   "| experts | precision | tokens | llama4dpo (ms) | transformers (ms) | speed-up | llama4dpo MFU | "

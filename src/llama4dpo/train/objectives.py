@@ -8,6 +8,7 @@ accumulation over N micro-batches then equals one big batch exactly, whatever th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -45,31 +46,54 @@ def read_values(sums: dict[str, torch.Tensor]) -> dict[str, float | int | list]:
     return out
 
 
+@dataclass(frozen=True)
+class LogpFunctions:
+    """The log-prob reductions over the vocabulary that objectives use (losses.py)."""
+    token: Callable = token_logps
+    sequence: Callable = sequence_logps
+    shared: Callable = shared_prompt_logps
+
+    def compiled(self, mode: str | None = None) -> "LogpFunctions":
+        """The same through torch.compile (train.compile): one fused pass over the logits, forward and backward,
+        instead of an fp32 copy of them and a kernel per op (on the GPU ~3 ms of a 26 ms DPO step at the 100m
+        preset)."""
+        return LogpFunctions(*(torch.compile(f, mode=mode) for f in (self.token, self.sequence, self.shared)))
+
+
+EAGER = LogpFunctions()
+
+
 class LanguageModeling:
     """Next-token cross-entropy on positions whose label is not -100 (pretraining, and SFT where the
     collator masks the prompt)."""
 
     name = "lm"
 
+    def __init__(self):
+        self.logps = EAGER
+
+    def compile(self, mode: str | None = None) -> None:
+        self.logps = EAGER.compiled(mode)
+
     def units(self, batch) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
 
     def __call__(self, model, batch) -> StepOutput:
         logits = model(batch["input_ids"])
-        logps, mask = token_logps(logits, batch["labels"])
+        logps, mask = self.logps.token(logits, batch["labels"])
         loss_sum = -logps.sum()
         return StepOutput(loss_sum, mask.sum(), {"loss": loss_sum.detach()})
 
 
-def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch, fns: LogpFunctions = EAGER) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and response token counts, (2B,) each, chosen rows first, from a batch of
     either layout: [chosen; rejected] rows (collate_preference) or one prefix-shared row per pair
     (collate_preference_shared)."""
     if "segment_ids" in batch:
         logits = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
                        logit_index=batch["logit_index"])
-        return shared_prompt_logps(logits, batch["targets"], batch["branch"])
-    return sequence_logps(model(batch["input_ids"]), batch["labels"])
+        return fns.shared(logits, batch["targets"], batch["branch"])
+    return fns.sequence(model(batch["input_ids"]), batch["labels"])
 
 
 def sequence_tokens(batch) -> int:
@@ -100,6 +124,10 @@ class Preference:
         needs_ref = cfg.loss_type not in REFERENCE_FREE
         if needs_ref and reference is None and reference_logps is None:
             raise ValueError(f"loss_type {cfg.loss_type!r} needs a reference model or precomputed log-probs")
+        self.logps = EAGER
+
+    def compile(self, mode: str | None = None) -> None:
+        self.logps = EAGER.compiled(mode)
 
     def units(self, batch) -> int:
         return n_pairs(batch)
@@ -116,11 +144,11 @@ class Preference:
         with torch.no_grad():
             # NOTE: the reference runs before the policy (measured ~10% faster on TRL's side: the policy's
             # activations are not yet held while the reference allocates).
-            return pair_logps(self.reference, batch)
+            return pair_logps(self.reference, batch, self.logps)
 
     def __call__(self, model, batch) -> StepOutput:
         ref = self._reference(batch)
-        logps, n_tokens = pair_logps(model, batch)  # (2B,), (2B,)
+        logps, n_tokens = pair_logps(model, batch, self.logps)  # (2B,), (2B,)
         B = logps.shape[0] // 2
         average = self.cfg.loss_type in LENGTH_NORMALISED
         policy = logps / n_tokens.clamp(min=1) if average else logps
