@@ -9,7 +9,7 @@ from llama4dpo import Config, LlamaModel
 from llama4dpo.data import collate_sft
 from llama4dpo.errors import ConfigError
 from llama4dpo.train.batches import ExampleBatches
-from llama4dpo.train.objectives import LanguageModeling
+from llama4dpo.train.objectives import EAGER, LanguageModeling
 from llama4dpo.train.trainer import Trainer, TrainingDiverged, lr_at, make_optimizer
 
 CFG = ["model.vocab_size=20", "train.lr=1e-2", "train.warmup_steps=0", "train.grad_clip=0"]
@@ -80,19 +80,98 @@ def test_nan_guard_stops_with_message_and_leaves_weights(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_model_gives_the_eager_losses(tmp_path):
-    """train.compile=true compiles the model in place: same parameter names, same losses (to float noise)."""
+    """train.compile=true compiles the model in place (same parameter names) and the objective's log-prob
+    reductions: same losses (to float noise). compile_mode=reduce-overhead (CUDA graphs on a GPU) is plain
+    compilation on CPU: the same losses again."""
     losses = {}
-    for flag in ("false", "true"):
-        cfg = Config.load("configs/tiny.toml", CFG + [f"train.compile={flag}", "train.batch_size=4"])
+    for flag in ("false", "true", "reduce-overhead"):
+        mode = ["train.compile=true", f"train.compile_mode={flag}"] if flag == "reduce-overhead" else \
+            [f"train.compile={flag}"]
+        cfg = Config.load("configs/tiny.toml", CFG + mode + ["train.batch_size=4"])
         model = LlamaModel(cfg.model).init_weights(seed=0)
         names = [n for n, _ in model.named_parameters()]
         batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 1, seed=0)
-        trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path / flag, device=torch.device("cpu"),
+        objective = LanguageModeling()
+        trainer = Trainer(cfg, model, objective, batches, None, tmp_path / flag, device=torch.device("cpu"),
                           show_progress=False)
         losses[flag] = [trainer.train_step()["loss"] for _ in range(3)]
         assert [n for n, _ in model.named_parameters()] == names
-        assert (model._compiled_call_impl is not None) == (flag == "true")
+        assert (model._compiled_call_impl is not None) == (flag != "false")
+        assert (objective.logps is EAGER) == (flag == "false")
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert losses["reduce-overhead"] == pytest.approx(losses["true"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_log_prob_reductions_equal_the_eager_ones():
+    """LogpFunctions.compiled: values and gradients of each reduction as eager computes them, fp32 and bf16
+    logits, with ignored targets."""
+    g = torch.Generator().manual_seed(0)
+    fast = EAGER.compiled()
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(3, 7, 50, generator=g).mul(4).to(dtype)
+        labels = torch.randint(0, 50, (3, 7), generator=g)
+        labels[0, :3] = -100
+        branch = torch.randint(0, 3, (3, 7), generator=g)
+        for name, args in (("token", (labels,)), ("sequence", (labels,)), ("shared", (labels, branch))):
+            outs = []
+            for fns in (EAGER, fast):
+                x = logits.clone().requires_grad_(True)
+                value, count = getattr(fns, name)(x, *args)
+                value.float().square().sum().backward()
+                outs.append((value.float(), count, x.grad.float()))
+            (v0, c0, g0), (v1, c1, g1) = outs
+            assert torch.equal(c0, c1), name
+            torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-4, msg=f"{name} {dtype}")
+            torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-3, msg=f"{name} {dtype} grad")
+
+
+def test_compile_mode_needs_compile_and_a_known_mode():
+    with pytest.raises(ConfigError, match="set train.compile=true"):
+        Config.load("configs/tiny.toml", ["train.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="train.compile_mode: must be one of default, reduce-overhead"):
+        Config.load("configs/tiny.toml", ["train.compile=true", "train.compile_mode=fast"])
+
+
+def test_cuda_graphs_refused_under_fsdp(tmp_path):
+    """FSDP2 compiles block by block around its own collectives: CUDA graphs are refused there in one line."""
+    from llama4dpo.errors import UserError
+    from llama4dpo.train.distributed import Dist
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    model = LlamaModel(cfg.model)
+    with pytest.raises(UserError, match="does not go with FSDP2"):
+        Trainer(cfg, model, LanguageModeling(), None, None, tmp_path, device=torch.device("cpu"),
+                show_progress=False, dist=Dist(world=2, strategy="fsdp"))
+    assert model._compiled_call_impl is None  # refused before compiling anything
+
+
+def test_each_step_collates_its_batches_once_the_next_one_ahead(tmp_path):
+    """The step collates the next step's batches while the device runs its backward: each (step, micro-batch)
+    is collated once, none past max_steps, and a step that was not the one collated ahead (a resume, a jump)
+    collates its own."""
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.batch_size=4", "train.grad_accum_steps=2",
+                                                  "train.max_steps=3"])
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    inner = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 2, 2, seed=0)
+    calls, seen = [], []
+
+    def batches(step, micro):
+        calls.append((step, micro))
+        return inner(step, micro)
+    class Recording(LanguageModeling):
+        def __call__(self, model, batch):
+            seen.append(batch["input_ids"])
+            return super().__call__(model, batch)
+    trainer = Trainer(cfg, model, Recording(), batches, None, tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.step = 1  # as a resume to step 1 would
+    trainer.train_step()
+    # (back at step 1, step 2's batches collated ahead before are still the ones: not collated again)
+    assert calls == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (1, 0), (1, 1)], str(calls)
+    expected = [inner(s, m)["input_ids"] for s, m in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (1, 0), (1, 1)]]
+    assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
 
 
 @pytest.mark.slow
@@ -163,7 +242,15 @@ def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatc
     cfg = Config.load("configs/tiny.toml", CFG + ["train.grad_accum_steps=2", "train.batch_size=8",
                                                   "model.attention_chunk_size=4"])
     model = LlamaModel(cfg.model).init_weights(seed=0)
-    batches = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 2, seed=0)
+    inner = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 2, seed=0)
+    collating = []
+
+    def batches(step, micro):  # (collation reads CPU data: not device reads; the next step's comes after backward)
+        collating.append(True)
+        try:
+            return inner(step, micro)
+        finally:
+            collating.pop()
     trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
                       show_progress=False)
     events = []
@@ -176,7 +263,7 @@ def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatc
         original = getattr(torch.Tensor, name)
 
         def read(self, *a, _f=original, _n=name, **k):
-            if "forward" in events:  # (the batches, CPU data, are counted before the first forward)
+            if "forward" in events and not collating:  # (nor the batches' CPU data before the first forward)
                 events.append(_n)
             return _f(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, read)
