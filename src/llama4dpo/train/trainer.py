@@ -1,9 +1,10 @@
 """The training loop: one loop for pretraining, SFT and preference optimisation.
 
-Per optimizer step: fetch the step's micro-batches (a pure function of the step), run the objective
-under autocast, divide the summed loss by the step's total units (tokens or pairs), accumulate, clip,
-step AdamW on a warmup + cosine schedule. Evaluate and checkpoint on their cadences. Stop with a
-clear message on a non-finite loss or gradient, leaving the last good checkpoint untouched.
+Per optimizer step: fetch the step's micro-batches (a pure function of the step, collated during the
+previous step's backward), run the objective under autocast, divide the summed loss by the step's total
+units (tokens or pairs), accumulate, clip, step AdamW on a warmup + cosine schedule. Evaluate and checkpoint
+on their cadences. Stop with a clear message on a non-finite loss or gradient, leaving the last good
+checkpoint untouched.
 """
 
 from __future__ import annotations
