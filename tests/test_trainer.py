@@ -133,16 +133,23 @@ def test_compile_mode_needs_compile_and_a_known_mode():
         Config.load("configs/tiny.toml", ["train.compile=true", "train.compile_mode=fast"])
 
 
-def test_cuda_graphs_refused_under_fsdp(tmp_path):
-    """FSDP2 compiles block by block around its own collectives: CUDA graphs are refused there in one line."""
+def test_cuda_graphs_refused_with_accumulation_and_across_processes(tmp_path):
+    """CUDA graph trees overwrite a micro-batch's gradients with the next one's (pytorch/pytorch#169545), and how
+    their gradients meet DDP's buckets or FSDP2's shards is unchecked: both refused in one line."""
     from llama4dpo.errors import UserError
     from llama4dpo.train.distributed import Dist
-    cfg = Config.load("configs/tiny.toml", CFG + ["train.compile=true", "train.compile_mode=reduce-overhead"])
-    model = LlamaModel(cfg.model)
-    with pytest.raises(UserError, match="does not go with FSDP2"):
-        Trainer(cfg, model, LanguageModeling(), None, None, tmp_path, device=torch.device("cpu"),
-                show_progress=False, dist=Dist(world=2, strategy="fsdp"))
-    assert model._compiled_call_impl is None  # refused before compiling anything
+    graphs = ["train.compile=true", "train.compile_mode=reduce-overhead"]
+    with pytest.raises(ConfigError, match="loses gradients accumulated over micro-batches.*grad_accum_steps=1"):
+        Config.load("configs/tiny.toml", graphs + ["train.grad_accum_steps=2", "train.batch_size=4"])
+    Config.load("configs/tiny.toml", ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs",
+                                      "train.grad_accum_steps=2", "train.batch_size=4"])  # no CUDA graphs: fine
+    cfg = Config.load("configs/tiny.toml", CFG + graphs)
+    for strategy in ("ddp", "fsdp"):
+        model = LlamaModel(cfg.model)
+        with pytest.raises(UserError, match=f"runs in one process; with {strategy.upper()} use 'default'"):
+            Trainer(cfg, model, LanguageModeling(), None, None, tmp_path, device=torch.device("cpu"),
+                    show_progress=False, dist=Dist(world=2, strategy=strategy))
+        assert model._compiled_call_impl is None  # refused before compiling anything
 
 
 def test_each_step_collates_its_batches_once_the_next_one_ahead(tmp_path):

@@ -181,6 +181,7 @@ class DataConfig:
 
 # torch.compile's modes; the two with CUDA graphs record each compiled graph once per shape and replay it (on CUDA)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -231,6 +232,10 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"train.compile_mode={self.compile_mode!r} acts through torch.compile: "
                               "set train.compile=true")
+        if self.compile_mode in CUDA_GRAPH_MODES and self.grad_accum_steps > 1:
+            # a micro-batch's gradients, held as a CUDA graph's outputs, are overwritten by the next one's backward
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r} (CUDA graphs) loses gradients accumulated "
+                              "over micro-batches (pytorch/pytorch#169545): set train.grad_accum_steps=1")
 
 
 @dataclass
