@@ -382,6 +382,9 @@ def worker(spec: dict) -> dict:
     return out
 
 
+UNTIMED_COMPILE_STEPS = 6  # steps a compiled setting runs before its timed ones (compiling, recompiling)
+
+
 def _dpo_ours(spec, s):
     import functools
     import torch
@@ -393,14 +396,19 @@ def _dpo_ours(spec, s):
 
     device = torch.device(spec["device"])
     n_steps = spec["warmup"] + spec["steps"]
+    untimed = UNTIMED_COMPILE_STEPS if s.get("compile") else 0
     cfg = Config.load_json(Path(spec["ckpt"]) / "config.json")
     cfg.train = TrainConfig(batch_size=spec["pairs"], grad_accum_steps=1, precision=s["precision"],
-                            device=spec["device"], lr=1e-6, warmup_steps=0, max_steps=n_steps, weight_decay=0.0,
+                            device=spec["device"], lr=1e-6, warmup_steps=0, max_steps=untimed + n_steps,
+                            weight_decay=0.0,
                             grad_clip=1.0, seed=spec["seed"], compile=s.get("compile", False),
                             compile_mode=s.get("mode", "default"), activation_memory_budget=s.get("budget", 1.0))
     cfg.dpo = DPOConfig(beta=0.1, precompute_ref=s["preref"], share_prompt=s.get("share", True))
     cfg.validate()
-    examples = make_examples(spec["pairs"] * n_steps, spec["seq"], cfg.model.vocab_size, spec["seed"])
+    # the same examples (and so the same order) in every llama4dpo setting, compiled or not: step i trains on the
+    # same batch in all of them, so their losses can be set side by side
+    examples = make_examples(spec["pairs"] * (UNTIMED_COMPILE_STEPS + n_steps), spec["seq"], cfg.model.vocab_size,
+                             spec["seed"])
     collate = functools.partial(_collate_preference(cfg.dpo.share_prompt), pad_id=PAD)
     batches = ExampleBatches(examples, collate, spec["pairs"], 1, spec["seed"])
     model = load_model(spec["ckpt"], device).train()
@@ -413,11 +421,11 @@ def _dpo_ours(spec, s):
         objective = Preference(cfg.dpo, reference=load_model(spec["ckpt"], device).requires_grad_(False))
     trainer = Trainer(cfg, model, objective, batches, None, Path(spec["workdir"]) / "ours-run", device=device,
                       show_progress=False)
-    # each step's loss, from the first: every llama4dpo setting trains the same weights on the same data
+    # each step's loss, from the first: every llama4dpo setting starts from the same weights and trains on the
+    # same batches (a frozen reference and precomputed log-probs are the same numbers: the initial weights')
     losses = []
-    for _ in range(6 if s.get("compile") else 0):  # compile (and recompile; record CUDA graphs) before timing
+    for _ in range(untimed):  # compile (and recompile; record CUDA graphs) before timing; then go on from there
         losses.append(trainer.train_step()["loss"])
-    trainer.step = 0
     clock = StepClock(device)
     for _ in range(n_steps):
         losses.append(trainer.train_step()["loss"])
@@ -1038,9 +1046,10 @@ def render(res: dict) -> str:
                 diffs = ", ".join(f"{r['setting']} {max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.1e}"
                                   for r in same if r is not base)
                 first = ", ".join(f"{r['setting']} {r['losses'][0]:.6f}" for r in same)
-                lines.append(f"  - same training, step by step (the untimed compile steps first, then the timed "
-                             f"ones): loss (summed over the step's pairs) at the first step {first}; max |loss - "
-                             f"{base['setting']}'s loss| over the steps both ran: {diffs}")
+                lines.append(f"  - same training, step by step (step i trains on the same batch in every setting; "
+                             f"compiled ones count their untimed first steps): loss (summed over the step's "
+                             f"pairs) at the first step {first}; max |loss - {base['setting']}'s loss| over the "
+                             f"steps both ran: {diffs}")
     if res["fwdbwd"]:
         lines += ["", "### Model forward + backward alone (cross-entropy, no optimizer)", "",
                   "| experts | precision | tokens | llama4dpo (ms) | transformers (ms) | speed-up | llama4dpo MFU | "

@@ -152,6 +152,39 @@ def test_cuda_graphs_refused_with_accumulation_and_across_processes(tmp_path):
         assert model._compiled_call_impl is None  # refused before compiling anything
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    """train.compile_mode is the mode the model and the objective's log-prob reductions are compiled with, and
+    with CUDA graphs on, each optimizer step and each evaluation batch begins with a new CUDA-graph step (without
+    it, a graph replay would overwrite outputs the step still reads). Recorded, not compiled: fast."""
+    from llama4dpo.config import DPOConfig
+    from llama4dpo.data.collate import collate_preference_shared
+    from llama4dpo.train.objectives import Preference
+    modes, marks = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(("model", kw.get("mode"))))
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: modes.append(("fn", kw.get("mode"))) or f)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(events)))
+    events = []
+    pairs = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "index": i} for i in range(4)]
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.compile=true", "train.compile_mode=reduce-overhead",
+                                                  "train.batch_size=2", "train.max_steps=2"])
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    ref = LlamaModel(cfg.model).init_weights(seed=0).requires_grad_(False)
+    batches = ExampleBatches(pairs, lambda ex: collate_preference_shared(ex, 0), 2, 1, seed=0)
+    objective = Preference(DPOConfig(), reference=ref)
+    trainer = Trainer(cfg, model, objective, batches, batches.fixed(2), tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    assert modes == [("model", "reduce-overhead")] + [("fn", "reduce-overhead")] * 3  # the 3 reductions
+    assert objective.logps is not EAGER and not trainer.cuda_graphs  # (no CUDA graphs on CPU)
+    trainer.cuda_graphs = True  # as on a GPU
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: events.append("forward") or forward(*a, **k))
+    trainer.train_step()
+    trainer.train_step()
+    trainer.evaluate()
+    # a mark before each step's first forward and before each of the 2 evaluation batches' forwards
+    assert marks == [0, 1, 2, 3], (marks, events)
+
+
 def test_each_step_collates_its_batches_once_the_next_one_ahead(tmp_path):
     """The step collates the next step's batches while the device runs its backward: each (step, micro-batch)
     is collated once, none past max_steps, and a step that was not the one collated ahead (a resume, a jump)
@@ -280,3 +313,24 @@ def test_a_step_reads_device_values_once_after_the_backward(tmp_path, monkeypatc
     positions = sum(trainer.train_batches(0, m)["input_ids"].numel() for m in range(2))
     assert sum(out["expert_load/layer_1"]) == positions and out["loss"] > 0  # every position routed, top-1
     assert all(type(c) is int for c in out["expert_load/layer_1"]) and out["grad_norm"] > 0
+
+
+def test_a_batch_that_fails_to_collate_fails_its_own_step(tmp_path):
+    """Collating ahead does not move an error: the step before a bad batch completes (its update applied), and
+    the bad batch's own step raises it."""
+    cfg = Config.load("configs/tiny.toml", CFG + ["train.batch_size=4", "train.max_steps=3"])
+    model = LlamaModel(cfg.model).init_weights(seed=0)
+    inner = ExampleBatches(examples(), lambda ex: collate_sft(ex, 0), 4, 1, seed=0)
+
+    def batches(step, micro):
+        if step == 1:
+            raise ValueError("bad batch at step 1")
+        return inner(step, micro)
+    trainer = Trainer(cfg, model, LanguageModeling(), batches, None, tmp_path, device=torch.device("cpu"),
+                      show_progress=False)
+    before = model.norm.weight.detach().clone()
+    trainer.train_step()
+    assert trainer.step == 1 and not torch.equal(model.norm.weight, before)
+    with pytest.raises(ValueError, match="bad batch at step 1"):
+        trainer.train_step()
+    assert trainer.step == 1

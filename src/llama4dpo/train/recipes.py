@@ -19,7 +19,7 @@ from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
 from .run_dir import prepare_run_dir
-from .trainer import Trainer, autocast, resolve_device
+from .trainer import Trainer, autocast, check_compile_mode, resolve_device
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -41,6 +41,7 @@ def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
     """Join torchrun's process group if there is one; only rank 0 prints."""
     dist = Dist.from_env(cfg.distributed.strategy, cfg.train.device)
     dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps)
+    check_compile_mode(cfg.train, dist)
     if dist.enabled and show and dist.is_main:
         print(f"{dist.world} processes, {dist.strategy}; batch_size {cfg.train.batch_size} is the global batch")
     return dist, dist.place(resolve_device(cfg.train.device)), show and dist.is_main

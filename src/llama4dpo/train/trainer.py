@@ -69,6 +69,14 @@ def memory_budget(t: TrainConfig):
     return contextlib.nullcontext()
 
 
+def check_compile_mode(t: TrainConfig, dist: Dist) -> None:
+    """CUDA graphs (train.compile_mode) in one process only: how their gradient outputs meet DDP's buckets or
+    FSDP2's shards is not checked here. (The recipes call this before any work; the Trainer again.)"""
+    if t.compile and t.compile_mode in CUDA_GRAPH_MODES and dist.enabled:
+        raise UserError(f"train.compile_mode={t.compile_mode!r} (CUDA graphs) runs in one process; with "
+                        f"{dist.strategy.upper()} use 'default' or 'max-autotune-no-cudagraphs'")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "index" else v for k, v in batch.items()}
 
@@ -83,10 +91,7 @@ class Trainer:
         self.cuda_graphs = False  # compiled graphs replayed as CUDA graphs (train.compile_mode)
         if self.t.compile:  # in place (parameter names unchanged), before DDP/FSDP2 wrap it
             mode = None if self.t.compile_mode == "default" else self.t.compile_mode
-            if mode in CUDA_GRAPH_MODES and self.dist.enabled:
-                # (how CUDA graphs' gradient outputs meet DDP's buckets or FSDP2's shards is not checked here)
-                raise UserError(f"train.compile_mode={mode!r} (CUDA graphs) runs in one process; with "
-                                f"{self.dist.strategy.upper()} use 'default' or 'max-autotune-no-cudagraphs'")
+            check_compile_mode(self.t, self.dist)
             if self.dist.enabled and self.dist.strategy == "fsdp":  # per block, as FSDP2 shards it
                 for block in model.layers:
                     block.compile(mode=mode)
@@ -157,7 +162,10 @@ class Trainer:
                 key = f"expert_load/layer_{layer}"
                 sums[key] = sums.get(key, 0) + counts
         if self.step + 1 < t.max_steps:  # collate the next step's batches while the device runs the backward
-            self._next = (self.step + 1, self._batches(self.step + 1))
+            try:
+                self._next = (self.step + 1, self._batches(self.step + 1))
+            except Exception:  # (a pure function of the step: it fails again when that step collates its own)
+                self._next = None
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         sharded = hasattr(norm, "full_tensor")  # (a DTensor under FSDP2: read apart, it takes a collective)
