@@ -79,3 +79,9 @@ def test_json_round_trip(tmp_path):
     cfg = Config.load(CONFIGS[0], ["model.moe_layers=[1]"])
     cfg.save_json(tmp_path / "c.json")
     assert Config.load_json(tmp_path / "c.json") == cfg
+
+
+def test_pad_to_multiple_of_must_be_positive():
+    assert Config.load(None, ["data.pad_to_multiple_of=64"]).data.pad_to_multiple_of == 64
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of: must be >= 1, got 0"):
+        Config.load(None, ["data.pad_to_multiple_of=0"])

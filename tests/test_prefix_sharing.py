@@ -79,6 +79,21 @@ def test_shared_logps_are_each_response_scored_alone():
                 assert counts[col * len(ex) + i].item() == len(resp)
 
 
+def test_padding_to_a_multiple_changes_shapes_not_logps():
+    """data.pad_to_multiple_of: packed rows and their scored positions both rounded up (fewer distinct shapes for
+    compiled graphs and CUDA graphs), the log-probs and counts unchanged."""
+    model = LlamaModel(ModelConfig(**TINY)).init_weights(seed=0).eval()
+    ex = pairs(5, seed=3)
+    plain, padded = collate_preference_shared(ex, pad_id=0), collate_preference_shared(ex, pad_id=0,
+                                                                                      pad_to_multiple_of=16)
+    assert padded["input_ids"].shape[1] % 16 == 0 and padded["targets"].shape[1] % 16 == 0
+    assert padded["input_ids"].shape[1] > plain["input_ids"].shape[1]  # (so the test pads something)
+    with torch.no_grad():
+        (s0, c0), (s1, c1) = pair_logps(model, plain), pair_logps(model, padded)
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=0)
+    assert torch.equal(c0, c1)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_shared_and_separate_rows_give_the_same_logps_and_gradients(seed):
     model = LlamaModel(ModelConfig(**TINY)).init_weights(seed=seed)

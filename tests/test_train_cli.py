@@ -64,7 +64,8 @@ def test_dpo_metrics_and_held_out_reward_accuracy_rise(pipeline):
 
 def test_precomputed_reference_gives_the_same_losses(pipeline, tmp_path, monkeypatch):
     """With the reference = the initial checkpoint, the policy before its first step computes the reference
-    log-probs: one model is loaded, not two."""
+    log-probs: one model is loaded, not two. And batches padded to a multiple (data.pad_to_multiple_of) train
+    the same."""
     import llama4dpo.train.recipes as recipes
     loads, real = [], recipes.load_model
     monkeypatch.setattr(recipes, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
@@ -75,12 +76,22 @@ def test_precomputed_reference_gives_the_same_losses(pipeline, tmp_path, monkeyp
     assert main(["dpo", *common, "--out", str(tmp_path / "cached"), "dpo.precompute_ref=true"]) == 0
     assert len(loads) == 3
     assert (tmp_path / "cached" / "ref_logps_train.safetensors").is_file()
+    # data.pad_to_multiple_of: every batch's rows and scored positions padded to a multiple of 32, same losses
+    import llama4dpo.data.collate as collate
+    widths, real_collate = [], collate.collate_preference_shared
+    monkeypatch.setattr(collate, "collate_preference_shared",
+                        lambda *a, **k: (lambda b: widths.append((b["input_ids"].shape[1], b["targets"].shape[1]))
+                                         or b)(real_collate(*a, **k)))
+    assert main(["dpo", *common, "--out", str(tmp_path / "padded"), "data.pad_to_multiple_of=32"]) == 0
+    assert widths and all(L % 32 == 0 and M % 32 == 0 for L, M in widths), widths
     live, cached = read_metrics(tmp_path / "live" / "metrics.jsonl"), read_metrics(tmp_path / "cached" / "metrics.jsonl")
-    assert len(live) == len(cached)
-    for a, b in zip(live, cached):
+    padded = read_metrics(tmp_path / "padded" / "metrics.jsonl")
+    assert len(live) == len(cached) == len(padded)
+    for a, b, c in zip(live, cached, padded):
         for k in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins"):
             if k in a:
                 assert a[k] == pytest.approx(b[k], abs=1e-5), (a["step"], k)
+                assert a[k] == pytest.approx(c[k], abs=1e-5), (a["step"], k, "padded")
 
 
 # ---- resume after SIGKILL --------------------------------------------------------------------------

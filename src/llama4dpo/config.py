@@ -162,6 +162,7 @@ class DataConfig:
     strict: bool = False             # first bad record is an error instead of a counted skip
     num_proc: int = 1                # datasets.map workers for tokenisation
     builtin_size: int = 4000         # number of prompts generated for `builtin:` sources
+    pad_to_multiple_of: int | None = None  # batch lengths rounded up to a multiple: fewer shapes to compile/record
     seed: int = 0
 
     def validate(self) -> None:
@@ -174,6 +175,8 @@ class DataConfig:
         for key in ("max_length", "max_prompt_length", "block_size", "bpe_vocab_size", "num_proc"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(f"data.pad_to_multiple_of: must be >= 1, got {self.pad_to_multiple_of}")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"data.max_prompt_length: must be < data.max_length={self.max_length}, "
                               f"got {self.max_prompt_length}")

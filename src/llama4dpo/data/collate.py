@@ -89,8 +89,9 @@ def collate_preference_shared(examples: Sequence[Mapping], pad_id: int,
     B = len(examples)
     L = max((len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples), default=0)
     M = max((len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples), default=0)
-    if pad_to_multiple_of:
+    if pad_to_multiple_of:  # both lengths: the rows' and the scored positions'
         L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+        M = -(-M // pad_to_multiple_of) * pad_to_multiple_of
     out = {"input_ids": torch.full((B, L), pad_id, dtype=torch.long),
            "position_ids": torch.zeros((B, L), dtype=torch.long),
            "segment_ids": torch.full((B, L), -1, dtype=torch.long),

@@ -152,7 +152,7 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    collate = functools.partial(collate_sft, pad_id=tokenizer.pad_id)
+    collate = functools.partial(collate_sft, pad_id=tokenizer.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
     trainer = Trainer(cfg, model, LanguageModeling(), train, evals, out, tokenizer, device=device, show_progress=show,
@@ -177,7 +177,8 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     torch.manual_seed(cfg.train.seed)
     model = load_model(init, device)
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    collate = functools.partial(preference_collator(cfg.dpo.share_prompt), pad_id=tokenizer.pad_id)
+    collate = functools.partial(preference_collator(cfg.dpo.share_prompt), pad_id=tokenizer.pad_id,
+                                pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
     evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
     if cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
