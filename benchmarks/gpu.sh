@@ -6,11 +6,12 @@
 #
 # Measures, in one run (benchmarks/dpo_speed.py --device cuda --preset 100m):
 #   * the card's bf16 matmul peak (best of 4096^2 and 8192^2 matmuls)
-#   * a DPO training step, 8 pairs x 512 tokens, bf16 autocast, frozen reference: llama4dpo's Trainer (eager;
-#     train.compile with precomputed reference log-probs; train.compile_mode=reduce-overhead, the compiled graphs
-#     replayed as CUDA graphs, with and without precomputed reference log-probs) vs transformers' model with a
-#     hand-written DPO step and vs TRL's DPOTrainer (bf16, no gradient checkpointing); tokens/s, CUDA peak
-#     memory, MFU; each llama4dpo setting's losses step by step (they train the same weights on the same data)
+#   * a DPO training step, 8 pairs x 512 tokens, bf16 autocast: llama4dpo's Trainer (eager with a frozen
+#     reference; train.compile + train.compile_mode=reduce-overhead, the compiled graphs replayed as CUDA graphs,
+#     with a frozen reference and with precomputed reference log-probs) vs transformers' model with a
+#     hand-written DPO step (frozen reference) and vs TRL's DPOTrainer (bf16, no gradient checkpointing; frozen
+#     reference, and with its precompute_ref_log_probs); tokens/s, CUDA peak memory, MFU; each llama4dpo
+#     setting's losses step by step (the same batches in the same order)
 #   * greedy generation at batch 1 (64 new tokens, KV cache, bf16 weights): ours eager and with
 #     torch.compile(model.decode) as CUDA graphs, against transformers' generate; forward+backward alone
 #
@@ -92,7 +93,7 @@ fi
 # The whole run must end within 7 minutes: 420 s for the script, each DPO process at most 150 s.
 # (Where TRL is missing, trl-bf16 becomes hf-bf16 and is run once.)
 timeout -k 10 420 "$PY" benchmarks/dpo_speed.py --device cuda --preset 100m --experts 16 \
-  --settings ours-bf16,hf-bf16,trl-bf16,ours-bf16-preref-compile,ours-bf16-cgraphs,ours-bf16-preref-cgraphs \
+  --settings ours-bf16,hf-bf16,trl-bf16,trl-bf16-preref,ours-bf16-cgraphs,ours-bf16-preref-cgraphs \
   --extra-settings "" \
   --gen-batches 1 --timeout 150 --no-write ${OUTARGS[@]+"${OUTARGS[@]}"} ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
