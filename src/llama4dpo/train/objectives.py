@@ -63,17 +63,20 @@ class LogpFunctions:
 EAGER = LogpFunctions()
 
 
-class LanguageModeling:
+class Objective:
+    """What every objective shares: the log-prob reductions it uses, eager until the trainer compiles them."""
+
+    logps: LogpFunctions = EAGER
+
+    def compile(self, mode: str | None = None) -> None:
+        self.logps = EAGER.compiled(mode)
+
+
+class LanguageModeling(Objective):
     """Next-token cross-entropy on positions whose label is not -100 (pretraining, and SFT where the
     collator masks the prompt)."""
 
     name = "lm"
-
-    def __init__(self):
-        self.logps = EAGER
-
-    def compile(self, mode: str | None = None) -> None:
-        self.logps = EAGER.compiled(mode)
 
     def units(self, batch) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
@@ -111,7 +114,7 @@ def n_pairs(batch) -> int:
     return batch["input_ids"].shape[0] // (1 if "segment_ids" in batch else 2)
 
 
-class Preference:
+class Preference(Objective):
     """DPO and its relatives on a batch of pairs (either layout, see `pair_logps`): one policy forward, one
     reference forward (or a lookup of precomputed reference log-probs)."""
 
@@ -124,10 +127,6 @@ class Preference:
         needs_ref = cfg.loss_type not in REFERENCE_FREE
         if needs_ref and reference is None and reference_logps is None:
             raise ValueError(f"loss_type {cfg.loss_type!r} needs a reference model or precomputed log-probs")
-        self.logps = EAGER
-
-    def compile(self, mode: str | None = None) -> None:
-        self.logps = EAGER.compiled(mode)
 
     def units(self, batch) -> int:
         return n_pairs(batch)

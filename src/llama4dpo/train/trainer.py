@@ -90,7 +90,7 @@ class Trainer:
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
         self.cuda_graphs = False  # compiled graphs replayed as CUDA graphs (train.compile_mode)
         if self.t.compile:  # in place (parameter names unchanged), before DDP/FSDP2 wrap it
-            mode = None if self.t.compile_mode == "default" else self.t.compile_mode
+            mode = self.t.compile_mode  # (torch.compile's own names, "default" included)
             check_compile_mode(self.t, self.dist)
             if self.dist.enabled and self.dist.strategy == "fsdp":  # per block, as FSDP2 shards it
                 for block in model.layers:
