@@ -722,7 +722,9 @@ def main():
     p.add_argument("--gen-weights", default=None,
                    help="comma list of weight dtypes for generation, fp32 and/or bf16 (default: fp32,bf16 on CPU, "
                         "bf16 on GPU; fp32 in --quick)")
-    p.add_argument("--gen-repeat", type=int, default=5, help="timed generate calls per variant, in turns")
+    p.add_argument("--gen-repeat", type=int, default=None,
+                   help="timed generate calls per variant, in turns (default: 15 on CPU, where the shared machine's "
+                        "load moves single calls by up to ~30%%, 5 on CUDA)")
     p.add_argument("--gen-compile", default=None, choices=["on", "off"],
                    help="also time our compiled decoding (default: on, off in --quick: compiling takes ~30 s)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: dpo, fwdbwd, gen, peak")
@@ -844,6 +846,7 @@ def main():
                          load_start=os.getloadavg()[0], threads=torch.get_num_threads(), rounds=args.rounds,
                          preset=preset, device=args.device, machine=machine, versions=versions, pairs=P["pairs"],
                          seq=P["seq"], steps=steps, warmup=warmup, models={}, dpo=[], fwdbwd=[], gen=[], peak={})
+    results["gen_repeat"] = 1 if args.quick else args.gen_repeat or (5 if cuda else 15)
     workdir = Path(tempfile.mkdtemp(prefix="dpo_speed_"))
     atexit.register(shutil.rmtree, workdir, True)  # ~120 MB of checkpoints a run
 
@@ -893,7 +896,7 @@ def main():
             for weights in gen_weights:
                 for B in gen_batches:
                     r = generation(*ckpts[E], args.device, prec, B, 64 if not args.quick else 8, gen_tokens,
-                                   PRESETS[preset]["model"]["vocab_size"], 1 if args.quick else args.gen_repeat,
+                                   PRESETS[preset]["model"]["vocab_size"], results["gen_repeat"],
                                    can["hf"], weights, (args.gen_compile or ("off" if args.quick else "on")) == "on")
                     r.update(experts=E, batch=B, precision="bf16 weights" if weights == "bf16" else prec)
                     results["gen"].append(r)
@@ -1063,7 +1066,7 @@ def render(res: dict) -> str:
                          f"{mfu(6 * n * r['tokens'] / r['ours_s'], r['precision'])} | {d} |")
     if res["gen"]:
         lines += ["", f"### Generation (greedy, KV cache, prompt {res['gen_prompt']} tokens, every row generates the "
-                  "same count)", "",
+                  f"same count; median of {res.get('gen_repeat', 5)} call(s) per variant, timed in turns)", "",
                   "| experts | batch | precision | new tokens | llama4dpo tokens/s | llama4dpo compiled tokens/s | "
                   "transformers generate tokens/s | speed-up | speed-up compiled | llama4dpo MFU (compiled) | "
                   "same tokens (eager / compiled) |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
