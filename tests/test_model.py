@@ -161,6 +161,33 @@ def test_gathered_matmul_equals_per_group_products():
     torch.testing.assert_close(compiled(x, w, torch.tensor([0, 6, 0, 0])), x @ w[1])
 
 
+def test_rowwise_matmul_equals_per_row_products():
+    g = torch.Generator().manual_seed(0)
+    w, x, group = torch.randn(4, 8, 5, generator=g), torch.randn(6, 8, generator=g), torch.tensor([2, 0, 2, 3, 3, 3])
+    want = torch.stack([x[n] @ w[group[n]] for n in range(len(x))])
+    torch.testing.assert_close(moe_module.rowwise_matmul(x, w, group), want)
+    got = moe_module.rowwise_matmul(x.bfloat16(), w.bfloat16(), group)  # fp32 sums, rounded once to bf16
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, (x.bfloat16().float()[:, None] @ w.bfloat16().float()[group])[:, 0].bfloat16())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_compiled_cpu_decoding_moe_equals_dense(top_k):
+    """Compiled without autograd on CPU, a few token slots (decoding) skip the dispatch: each slot runs through
+    its own expert (`rowwise_matmul`); more slots than ROWWISE_SLOTS take the per-expert products."""
+    cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": top_k})
+    moe = MoE(cfg)
+    moe.init_weights(0.2)
+    compiled = torch.compile(moe, dynamic=False)
+    with torch.inference_mode(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for tokens in (1, 5, moe_module.ROWWISE_SLOTS // top_k + 1):
+            x = torch.randn(1, tokens, 32)
+            got = compiled(x)
+            rowwise = tokens * top_k <= moe_module.ROWWISE_SLOTS
+            assert (moe.tokens_per_expert is None) == rowwise  # (the dispatch counts tokens per expert)
+            torch.testing.assert_close(got, dense_moe_reference(moe, x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [8, 100])
 def test_bf16_experts_compile_whole(rows):
     """CPU bf16 experts trace as one graph (fullgraph: a graph break fails): decoding's few rows without autograd

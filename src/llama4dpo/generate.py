@@ -104,7 +104,7 @@ def compiled_decode(model) -> Callable:
         if skip_guards:  # nothing compiles on this path (code dropped meanwhile raises): no config patches,
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # ~33 us a step saved
                 return compiled(tokens, cache)
-        with (torch._dynamo.config.patch(capture_scalar_outputs=True),  # a lone token's expert, in the graph
+        with (torch._dynamo.config.patch(capture_scalar_outputs=True),  # experts' row counts, in the graph
               torch._inductor.config.patch({"freezing": not cuda, "cpp.enable_concat_linear": not cuda}),
               torch.compiler.set_stance("default")):
             return compiled(tokens, cache)

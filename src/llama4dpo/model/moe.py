@@ -3,6 +3,8 @@
 The MoE dispatches: token slots are sorted by expert and each expert runs only on its own tokens, with
 one grouped matrix product per projection (`torch.nn.functional.grouped_mm`). transformers instead runs
 every expert on every token (pre-scaled by a zero score when unrouted) - the same numbers, E/k times the work.
+Decoding on CPU skips the dispatch: a lone token takes its expert directly, and compiled, each of a few token
+slots runs through its own expert in one generated loop nest (`rowwise_matmul`).
 """
 
 import torch
@@ -70,6 +72,22 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat(outs) if outs else x.new_empty(0, w.shape[-1])
 
 
+# Compiled CPU decoding of up to this many token slots runs each slot through its own expert (`rowwise_matmul`):
+# no sort, no per-expert products. Its cost grows with the slots (each reads its expert's weights), the
+# per-expert products' with the experts they touch; batch 8 decoded ~1.3x faster this way.
+ROWWISE_SLOTS = 16
+
+
+def rowwise_matmul(x: torch.Tensor, w: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """x (N, in), w (E, in, out), group (N,) -> (N, out): row n times w[group[n]], accumulated in fp32 and rounded
+    to x's dtype as a matrix product is. For compiled decoding on CPU: inductor makes it one loop nest that reads
+    the chosen experts' weights in place, where a oneDNN product per expert costs ~11 us however small. The
+    weights are transposed so that each output is a contiguous dot product; compiled with inductor's freezing the
+    transposed copy is made once, at compile time (eager, it would be made at every call)."""
+    wt = w.transpose(1, 2).contiguous()                                   # (E, out, in)
+    return (x[:, None, :].float() * wt[group].float()).sum(-1).to(x.dtype)
+
+
 def gathered_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """grouped_matmul for a few rows with shapes fixed in advance (no Python number read from `counts`, which
     compiled CUDA graphs cannot do). Fewer rows than experts: each row's own weight matrix gathered, one batched
@@ -100,6 +118,16 @@ class ExpertMLP(nn.Module):
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= FEW_ROWS:
             return self._padded(x, counts, gate_up, down)
         return self._swiglu(x, counts, gate_up, down)
+
+    def rowwise(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """x (N, D), expert (N,) -> (N, D): each row through its own expert (compiled CPU decoding, see
+        `rowwise_matmul`)."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        gate, up = rowwise_matmul(x, gate_up, expert).split(self.hidden, dim=-1)
+        return rowwise_matmul(F.silu(gate) * up, down, expert)
 
     def one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """x (N, D) all routed to expert e -> (N, D): decoding a lone token, no dispatch."""
@@ -155,11 +183,16 @@ class MoE(nn.Module):
         logits = self.router(xt)                                           # (T, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)              # (T, k), on the raw logits
         scores = torch.sigmoid(top_logits.float()).to(xt.dtype)            # (T, k)
-        if len(xt) * self.top_k == 1 and xt.device.type == "cpu" and not torch.is_grad_enabled():
+        cpu_decoding = xt.device.type == "cpu" and not torch.is_grad_enabled()
+        if cpu_decoding and torch.compiler.is_compiling() and len(xt) * self.top_k <= ROWWISE_SLOTS:
+            # compiled decoding on CPU: each slot through its own expert, no sort, no dispatch
+            routed_in = xt.repeat_interleave(self.top_k, dim=0) * scores.flatten()[:, None]   # (T*k, D)
+            routed_out = self.experts.rowwise(routed_in, top_idx.flatten()).view(B * S, self.top_k, D)
+            self.tokens_per_expert, self.aux_loss = None, None
+            return (self.shared_expert(xt) + routed_out.sum(1).to(xt.dtype)).view(B, S, D)
+        if len(xt) * self.top_k == 1 and cpu_decoding:
             # decoding one token on CPU: its one expert, no dispatch (on CUDA, reading e would sync)
             e = int(top_idx)
-            torch._check(e >= 0)                                            # (bounds for torch.compile)
-            torch._check(e < self.num_experts)
             self.tokens_per_expert, self.aux_loss = None, None
             return (self.shared_expert(xt) + self.experts.one(xt * scores, e)).view(B, S, D)
 

@@ -141,7 +141,7 @@ class LlamaModel(nn.Module):
 
         The new token goes into slot `cache.slot` of the preallocated cache and attends over the whole cache
         under a mask of the filled slots. Every step then has the same shapes and reads no Python number
-        from a tensor (bar, on CPU, the expert of a lone token), so `torch.compile(model.decode)` compiles
+        from a tensor (bar, on CPU beyond `moe.ROWWISE_SLOTS` token slots, the experts' row counts), so `torch.compile(model.decode)` compiles
         once per batch size and cache length."""
         B = input_ids.shape[0]
         slot = cache.slot
