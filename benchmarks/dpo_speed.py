@@ -846,7 +846,7 @@ def main():
                          load_start=os.getloadavg()[0], threads=torch.get_num_threads(), rounds=args.rounds,
                          preset=preset, device=args.device, machine=machine, versions=versions, pairs=P["pairs"],
                          seq=P["seq"], steps=steps, warmup=warmup, models={}, dpo=[], fwdbwd=[], gen=[], peak={})
-    results["gen_repeat"] = 1 if args.quick else args.gen_repeat or (5 if cuda else 15)
+    results["gen_repeat"] = (1 if args.quick else 5 if cuda else 15) if args.gen_repeat is None else args.gen_repeat
     workdir = Path(tempfile.mkdtemp(prefix="dpo_speed_"))
     atexit.register(shutil.rmtree, workdir, True)  # ~120 MB of checkpoints a run
 

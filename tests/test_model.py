@@ -186,6 +186,11 @@ def test_compiled_cpu_decoding_moe_equals_dense(top_k):
             rowwise = tokens * top_k <= moe_module.ROWWISE_SLOTS
             assert (moe.tokens_per_expert is None) == rowwise  # (the dispatch counts tokens per expert)
             torch.testing.assert_close(got, dense_moe_reference(moe, x), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights: the output in autocast's dtype, as eager
+            x = torch.randn(1, 3, 32)
+            got, want = compiled(x), moe(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
 
 
 @pytest.mark.parametrize("rows", [8, 100])

@@ -172,8 +172,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = ExpertMLP(cfg.num_local_experts, cfg.hidden_size, cfg.expert_size)
         self.shared_expert = FeedForward(cfg.hidden_size, cfg.expert_size)
-        # Set by each forward, read by training: detached tokens-per-expert counts (None for a lone decoded
-        # token) and the balance loss.
+        # Set by each forward, read by training: detached tokens-per-expert counts (None where CPU decoding
+        # skips the dispatch) and the balance loss.
         self.tokens_per_expert: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
@@ -189,7 +189,8 @@ class MoE(nn.Module):
             routed_in = xt.repeat_interleave(self.top_k, dim=0) * scores.flatten()[:, None]   # (T*k, D)
             routed_out = self.experts.rowwise(routed_in, top_idx.flatten()).view(B * S, self.top_k, D)
             self.tokens_per_expert, self.aux_loss = None, None
-            return (self.shared_expert(xt) + routed_out.sum(1).to(xt.dtype)).view(B, S, D)
+            out = self.shared_expert(xt)                                   # (autocast's dtype, if on)
+            return (out + routed_out.sum(1).to(out.dtype)).view(B, S, D)
         if len(xt) * self.top_k == 1 and cpu_decoding:
             # decoding one token on CPU: its one expert, no dispatch (on CUDA, reading e would sync)
             e = int(top_idx)

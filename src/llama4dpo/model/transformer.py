@@ -141,8 +141,8 @@ class LlamaModel(nn.Module):
 
         The new token goes into slot `cache.slot` of the preallocated cache and attends over the whole cache
         under a mask of the filled slots. Every step then has the same shapes and reads no Python number
-        from a tensor (bar, on CPU beyond `moe.ROWWISE_SLOTS` token slots, the experts' row counts), so `torch.compile(model.decode)` compiles
-        once per batch size and cache length."""
+        from a tensor (bar, on CPU beyond `moe.ROWWISE_SLOTS` token slots, the experts' row counts), so
+        `torch.compile(model.decode)` compiles once per batch size and cache length."""
         B = input_ids.shape[0]
         slot = cache.slot
         position_ids = cache.positions.index_select(1, slot - 1) + 1          # (B, 1): one past each row's last
