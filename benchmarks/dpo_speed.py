@@ -821,6 +821,8 @@ def main():
     gen_weights = (args.gen_weights or ("fp32" if args.quick else "bf16" if cuda else "fp32,bf16")).split(",")
     if any(w not in ("fp32", "bf16") for w in gen_weights):
         p.error(f"--gen-weights takes fp32 and/or bf16, not {args.gen_weights!r}")
+    if args.gen_repeat is not None and args.gen_repeat < 1:
+        p.error(f"--gen-repeat takes a count of 1 or more, not {args.gen_repeat}")
     threads = torch.get_num_threads()
     machine = (torch.cuda.get_device_name(0) if cuda else
                f"CPU {os.cpu_count()} cores, {threads} torch threads") + f", torch {torch.__version__}"
