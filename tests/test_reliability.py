@@ -108,8 +108,10 @@ def test_non_empty_foreign_directory_is_refused(tmp_path, capsys):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     assert pretrain(tmp_path / "out") == 2
     assert "holds no llama4dpo run" in capsys.readouterr().err
-    assert pretrain(tmp_path / "out", "--overwrite") == 0
-    assert not (tmp_path / "out" / "notes.txt").exists()
+    assert pretrain(tmp_path / "out", "--overwrite") == 2  # not ours to delete, even when asked
+    assert "holds no llama4dpo run" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
 def test_resume_with_incompatible_config_names_the_difference(run, capsys):

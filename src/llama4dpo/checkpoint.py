@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -23,6 +24,25 @@ from .errors import UserError
 from .model import LlamaModel
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
+ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a full disk or a read-only folder raises
+
+
+def write_error_cause(e: Exception, directory: Path) -> str:
+    """The cause of a failed write, in words: OSError has them; safetensors wraps them ("... (os error 28)");
+    torch.save reports a short write only as "unexpected pos", so a full disk is recognised by its free space."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", text) or re.search(r"strerror: (.*)", text)
+    if found:
+        return found.group(1).strip()
+    try:
+        if os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize < (1 << 20):
+            return os.strerror(28)  # ENOSPC: No space left on device
+    except OSError:
+        pass
+    return "incomplete write: " + (text.strip().splitlines() or [type(e).__name__])[0]
 
 
 def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, torch.Tensor]:
@@ -35,11 +55,25 @@ def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, 
 
 
 def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None) -> None:
-    """Write the three model files into an existing directory (no atomicity: see `atomic_dir`)."""
-    save_file(model_state_dict(model, state), str(directory / WEIGHTS), metadata={"format": "pt"})
+    """Write the three model files into an existing directory (no atomicity: see `atomic_dir`). Refuses
+    (NonFiniteError) a state holding NaN or inf: no checkpoint is ever published with one."""
+    sd = model_state_dict(model, state)
+    check_finite(sd, "the model's weights")
+    save_file(sd, str(directory / WEIGHTS), metadata={"format": "pt"})
     cfg.save_json(directory / CONFIG)
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
+
+
+class NonFiniteError(UserError):
+    """A tensor about to be written, or just read, holds NaN or inf."""
+
+
+def check_finite(tensors: dict, what: str) -> None:
+    """NonFiniteError naming the first floating tensor of `tensors` that holds NaN or inf."""
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{what}: {name} holds NaN or inf")
 
 
 def _sha256(file: Path) -> str:
@@ -60,24 +94,37 @@ def write_manifest(directory: Path) -> None:
 def verify_manifest(directory: Path, *, required: bool = False) -> None:
     """One-line UserError naming the first missing, truncated or corrupted file."""
     directory = Path(directory)
+    refuse_symlinks(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
         if required:
-            raise UserError(f"{directory}: no {MANIFEST} (incomplete or foreign checkpoint)")
+            raise UserError(f"{directory}: no {MANIFEST} (incomplete or foreign checkpoint); if you trust it, "
+                            f"`llama4dpo manifest {directory}` writes one")
         return
     try:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{manifest}: unreadable manifest ({e})") from None
+    if not isinstance(files, dict):
+        raise UserError(f"{manifest}: unreadable manifest (no file table)")
     for name, meta in files.items():
         f = directory / name
+        if Path(name).name != name or not isinstance(meta, dict):
+            raise UserError(f"{manifest}: bad entry {name!r}")
         if not f.is_file():
             raise UserError(f"{f}: missing (listed in {MANIFEST})")
         size = f.stat().st_size
-        if size != meta["bytes"]:
+        if size != meta.get("bytes"):
             raise UserError(f"{f}: truncated or altered ({size} bytes, manifest says {meta['bytes']})")
-        if _sha256(f) != meta["sha256"]:
+        if _sha256(f) != meta.get("sha256"):
             raise UserError(f"{f}: corrupted (sha256 differs from {MANIFEST})")
+
+
+def refuse_symlinks(directory: Path) -> None:
+    """A checkpoint is plain files: a symbolic link in it could make us read, or copy out, a file elsewhere."""
+    for p in Path(directory).iterdir():
+        if p.is_symlink():
+            raise UserError(f"{p}: is a symbolic link; a checkpoint must hold its own files (copy the target in)")
 
 
 class atomic_dir:
@@ -96,8 +143,12 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        write_manifest(self.tmp)
-        _fsync_dir(self.tmp)
+        try:
+            write_manifest(self.tmp)
+            _fsync_dir(self.tmp)
+        except BaseException:  # (a full disk can stop the manifest too: leave no temporary behind)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         if self.final.exists():  # replace: move the old one aside first, then drop it
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.final, old)
@@ -166,6 +217,13 @@ def read_weights(model: LlamaModel, file: Path) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise UserError(f"{file}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
+        if not v.is_floating_point():
+            raise UserError(f"{file}: {k} holds {v.dtype} values; weights must be floating point")
+    if os.environ.get(ALLOW_NONFINITE) != "1":
+        try:
+            check_finite(sd, str(file))
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} (a diverged model; set {ALLOW_NONFINITE}=1 to load it anyway)") from None
     return sd
 
 
@@ -177,7 +235,12 @@ def load_tokenizer(path: str | Path):
     if not (path / TOKENIZER).is_file():
         raise UserError(f"{path}: this checkpoint has no tokenizer.json (e.g. imported from transformers "
                         f"without one); pass a tokenizer or train one with `pretrain`")
-    return _load(path / TOKENIZER)
+    tokenizer = _load(path / TOKENIZER)
+    vocab = load_config(path).model.vocab_size
+    if tokenizer.vocab_size > vocab:  # its ids past the embedding table would index out of range
+        raise UserError(f"{path / TOKENIZER}: {tokenizer.vocab_size} tokens, more than the model's "
+                        f"vocab_size {vocab} in {CONFIG}")
+    return tokenizer
 
 
 def has_tokenizer(path: str | Path) -> bool:
@@ -190,6 +253,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
         raise UserError(f"{path}: no such checkpoint directory")
     if not path.is_dir() or not (path / CONFIG).is_file():
         raise UserError(f"{path}: not a llama4dpo checkpoint (expected a directory with {CONFIG})")
+    refuse_symlinks(path)
     return path
 
 

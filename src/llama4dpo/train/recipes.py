@@ -11,14 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import WEIGHTS, load_model, load_tokenizer, save_model
+from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, save_model, write_error_cause
 from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
 from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
-from .run_dir import prepare_run_dir
+from .run_dir import prepare_run_dir, release_run_dir
 from .trainer import Trainer, autocast, check_compile_mode, resolve_device
 
 
@@ -53,7 +53,11 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
     state = trainer.dist.model_state(trainer.model)  # every rank takes part (FSDP2 gathers shards)
 
     def write():
-        final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
+        try:
+            final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
+        except WRITE_ERRORS as e:
+            raise UserError(f"could not write {out / 'final'} ({write_error_cause(e, out)}); stopped. "
+                            f"Last good checkpoint: {trainer.latest_checkpoint() or 'none'}") from None
         plot_run(out)
         return final
     final = trainer.dist.on_main(write)
@@ -64,11 +68,23 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
     return final
 
 
+def releases_run_dir(run):
+    """The run directory's lock (taken by prepare_run_dir) is released however the run ends."""
+    @functools.wraps(run)
+    def wrapper(cfg: Config, data: str, out: str | Path, *args, **kwargs) -> Path:
+        try:
+            return run(cfg, data, out, *args, **kwargs)
+        finally:
+            release_run_dir(Path(out))
+    return wrapper
+
+
 def _start(trainer: Trainer, resume_from: Path | None) -> None:
     if resume_from is not None:
         trainer.resume(resume_from)
 
 
+@releases_run_dir
 def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, resume=False, show=True) -> Path:
     from ..data import load_token_streams, training_texts
     from ..tokenizer import build_tokenizer, load_tokenizer as load_tok
@@ -138,6 +154,7 @@ def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, d
     return pdata
 
 
+@releases_run_dir
 def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwrite=False, resume=False,
             show=True) -> Path:
     from ..data import collate_sft
@@ -162,6 +179,7 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
     return _finish(trainer, out, cfg, tokenizer, show)
 
 
+@releases_run_dir
 def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str | Path | None = None, *,
             overwrite=False, resume=False, show=True) -> Path:
     from ..data import preference_collator

@@ -1,15 +1,23 @@
-"""Run directories: fresh, resumed, or refused.
+"""Run directories: fresh, resumed, or refused - and never anything else deleted.
 
-A run directory holds config.json (the resolved config), tokenizer.json, metrics.jsonl, data_report.txt,
-checkpoints/step-N/ and final/. Starting a run in a directory that already holds a run of the same
-config resumes it from its latest checkpoint; a different config, or a directory holding something
-else, is refused with a one-line error unless `--overwrite` is given.
+A run directory holds run.json (the command and its inputs), config.json (the resolved config),
+tokenizer.json, metrics.jsonl, data_report.txt, checkpoints/step-N/, final/ and plots/. Starting a run in a
+directory that already holds a run of the same config resumes it from its latest checkpoint; a different
+config, or a directory holding something else, is refused with a one-line error unless `--overwrite` is given.
+
+`--overwrite` removes only the entries listed in RUN_ENTRIES, and only from a directory that holds a run;
+it refuses `/`, the home folder, the working folder and its parents, and any folder holding the run's own
+inputs (`--data`, `--init`, `--ref`). While a run lives, RUN_DIR/.lock (pid and host) holds an exclusive
+lock, so a second run into the same directory is refused; the lock dies with its process, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 from ..config import Config
@@ -20,6 +28,10 @@ from .state import checkpoint_dirs, latest_good_checkpoint
 RESUMABLE_CHANGES = {"train.max_steps", "train.eval_every", "train.save_every", "train.keep_last",
                      "train.log_every", "train.tensorboard", "train.device", "data.num_proc",
                      "distributed.strategy"}
+LOCK = ".lock"
+# Everything a run writes (ref_logps_*.safetensors by pattern): all that --overwrite may remove.
+RUN_ENTRIES = {"run.json", "config.json", "tokenizer.json", "metrics.jsonl", "data_report.txt", "checkpoints",
+               "final", "plots", "tb"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -42,21 +54,41 @@ def config_difference(old: Config, new: Config) -> str | None:
 
 def prepare_run_dir(out: Path, cfg: Config, *, overwrite: bool = False, resume: bool = False,
                     inputs: dict | None = None) -> Path | None:
-    """Create `out` for a fresh run, or return the checkpoint to resume from. `inputs` (command, data
-    source, init/ref checkpoints) are recorded in run.json; resuming with other inputs is refused."""
+    """Lock `out` and create it for a fresh run, or return the checkpoint to resume from. `inputs` (command,
+    data source, init/ref checkpoints) are recorded in run.json; resuming with other inputs is refused.
+    The lock is held until `release_run_dir(out)` or the end of the process."""
     out = Path(out)
     inputs = {k: str(v) if v is not None else None for k, v in (inputs or {}).items()}
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if out.is_dir() and any(out.iterdir()):
-        saved = out / "config.json"
-        ckpts = checkpoint_dirs(out)
-        if not saved.is_file():
-            raise UserError(f"{out}: directory is not empty and holds no llama4dpo run; "
-                            f"choose another --out or pass --overwrite")
-        diff = config_difference(Config.load_json(saved), cfg)
+    if overwrite:
+        check_overwrite(out, inputs)
+    elif out.is_dir() and _entries(out) and not is_run_dir(out):
+        raise UserError(f"{out}: directory is not empty and holds no llama4dpo run; "
+                        f"choose another --out (--overwrite removes only a run's own files)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the run directory ({e.strerror or e})") from None
+    lock_run_dir(out)
+    try:
+        if overwrite:
+            remove_run_files(out)
+        return _fresh_or_resume(out, cfg, resume, inputs)
+    except BaseException:
+        release_run_dir(out)
+        raise
+
+
+def is_run_dir(path: Path) -> bool:
+    """config.json with a run's own files beside it (a model checkpoint, with its weights there, is not a run)."""
+    return ((path / "config.json").is_file() and not (path / "model.safetensors").exists()
+            and any((path / name).exists() for name in ("run.json", "metrics.jsonl", "checkpoints")))
+
+
+def _fresh_or_resume(out: Path, cfg: Config, resume: bool, inputs: dict) -> Path | None:
+    if is_run_dir(out):
+        diff = config_difference(Config.load_json(out / "config.json"), cfg)
         recorded = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else inputs
         for key in sorted(set(recorded) | set(inputs)):
             if recorded.get(key) != inputs.get(key):
@@ -64,17 +96,93 @@ def prepare_run_dir(out: Path, cfg: Config, *, overwrite: bool = False, resume: 
         if diff:
             raise UserError(f"{out}: holds a run with a different config ({diff}); "
                             f"use another --out, or --overwrite to discard it")
-        if ckpts:
+        if checkpoint_dirs(out):
             good = latest_good_checkpoint(out)
             if good is not None:
                 return good
             raise UserError(f"{out}: every checkpoint is damaged; use --overwrite to start over")
         if resume:
             raise UserError(f"{out}: no checkpoint to resume from yet")
-        shutil.rmtree(out)  # same config but nothing saved yet: start over cleanly
+        remove_run_files(out)  # same config but nothing saved yet: start over cleanly
     elif resume:
         raise UserError(f"{out}: nothing to resume (no run directory)")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_json(out / "config.json")
-    (out / "run.json").write_text(json.dumps(inputs, indent=1) + "\n")
+    try:
+        cfg.save_json(out / "config.json")
+        (out / "run.json").write_text(json.dumps(inputs, indent=1) + "\n")
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the run's files ({e.strerror or e})") from None
     return None
+
+
+# ---- --overwrite ------------------------------------------------------------------------------------------
+def check_overwrite(out: Path, inputs: dict) -> None:
+    """Refuse, touching nothing, to overwrite a folder that is not a run or that holds what the user needs."""
+    target = out.resolve()
+    home, cwd = Path.home().resolve(), Path.cwd().resolve()
+    if target == Path(target.anchor):
+        raise UserError(f"--overwrite refuses --out {out}: it is the root of the file system")
+    if target == home:
+        raise UserError(f"--overwrite refuses --out {out}: it is the home folder")
+    if target == cwd or target in cwd.parents:
+        raise UserError(f"--overwrite refuses --out {out}: it is the working folder or one of its parents")
+    for key in ("data", "init", "ref"):
+        given = inputs.get(key)  # (a path that exists; not a hub name or builtin:)
+        if given and Path(given).exists() and (Path(given).resolve() == target or target in Path(given).resolve().parents):
+            raise UserError(f"--overwrite refuses --out {out}: it holds --{key} {given}")
+    if target.is_dir() and _entries(target) and not is_run_dir(target):
+        raise UserError(f"--overwrite refuses --out {out}: it holds no llama4dpo run, so nothing in it is ours "
+                        f"to delete")
+
+
+def remove_run_files(out: Path) -> None:
+    """Delete what a run writes (RUN_ENTRIES, reference caches, stale temporaries); leave everything else."""
+    for p in out.iterdir():
+        if p.name in RUN_ENTRIES or (p.name.startswith("ref_logps_") and p.suffix == ".safetensors"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _entries(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK]
+
+
+# ---- the lock -----------------------------------------------------------------------------------------------
+_held: dict[Path, int] = {}  # run directory -> descriptor of its locked .lock file
+
+
+def lock_run_dir(out: Path) -> None:
+    """Take RUN_DIR/.lock (flock: released by the kernel when the process ends, however it ends, so a lock
+    left by a killed run is stale and simply taken over). It records pid and host for the refusal message."""
+    key = out.resolve()
+    if key in _held:
+        raise UserError(f"{out}: already in use by this process")
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the run's lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{out}: another run is using this directory ({holder}); wait for it to finish or "
+                        f"choose another --out") from None
+    if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:  # released and unlinked meanwhile
+        os.close(fd)
+        return lock_run_dir(out)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held[key] = fd
+
+
+def release_run_dir(out: Path) -> None:
+    fd = _held.pop(Path(out).resolve(), None)
+    if fd is not None:
+        try:
+            (Path(out) / LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)

@@ -13,27 +13,36 @@ state are full (unsharded) and keyed by parameter name, so any number of process
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, read_weights, verify_manifest, write_model_files, WEIGHTS
+from ..checkpoint import (WEIGHTS, WRITE_ERRORS, atomic_dir, check_finite, read_weights, verify_manifest,
+                          write_error_cause, write_model_files)
 from ..errors import UserError
 from ..faults import fault_point
 
 CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"step-(\d{7,})")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of interrupted writes are ignored)."""
+    """Complete checkpoints, oldest first (temporaries of interrupted writes and foreign names are ignored)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir()
+             if STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_DIR.fullmatch(Path(path).name).group(1))
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict, optimizer_state: dict, cfg,
@@ -41,18 +50,34 @@ def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict,
     """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state)."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
     try:
+        check_finite(flat_tensors(optimizer_state), f"optimizer state at step {step}")
         with atomic_dir(final) as tmp:
-            write_model_files(tmp, model, cfg, tokenizer, state=model_state)
+            write_model_files(tmp, model, cfg, tokenizer, state=model_state)  # (refuses NaN/inf weights)
             torch.save({"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
             fault_point("save", step)
-    except OSError as e:  # disk full, quota, permissions: the previous checkpoints are untouched
-        previous = checkpoint_dirs(run_dir)
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); stopped. "
-                        f"Last good checkpoint: {previous[-1] if previous else 'none'}") from None
+    except WRITE_ERRORS as e:  # disk full, quota, read-only: the previous checkpoints are untouched
+        raise UserError(f"could not write checkpoint {final} ({write_error_cause(e, final.parent)}); stopped. "
+                        f"Last good checkpoint: {last_checkpoint(run_dir)}") from None
+    except UserError as e:  # non-finite values: nothing was written
+        raise UserError(f"{e}; checkpoint {final.name} not written. Last good checkpoint: "
+                        f"{last_checkpoint(run_dir)}") from None
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def last_checkpoint(run_dir: Path) -> Path | str:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else "none"
+
+
+def flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a nested dict/list, keyed by its path (for finiteness checks and messages)."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, sub in items for k, v in flat_tensors(sub, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
 def latest_good_checkpoint(run_dir: Path) -> Path | None:
@@ -70,16 +95,80 @@ def load_training_checkpoint(path: Path, model, optimizer, dist) -> dict:
     """Restore model, optimizer and RNG in place (every rank reads the files); return the loop state."""
     path = Path(path)
     verify_manifest(path, required=True)
-    dist.load_model_state(model, read_weights(model, path / WEIGHTS))
+    weights = read_weights(model, path / WEIGHTS)  # (names, shapes, dtypes and finiteness checked)
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "trainer_state.json").read_text())
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot load training state ({first})") from None
+    check_loop_state(path, state)
+    check_rng_state(path, blob)
+    check_optimizer_state(path, model, optimizer, blob["optimizer"])
+    dist.load_model_state(model, weights)
     try:
         dist.load_optimizer_state(model, optimizer, blob["optimizer"])
-    except (KeyError, ValueError, RuntimeError) as e:
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: optimizer state does not fit this model ({type(e).__name__}: {e})") from None
     torch.set_rng_state(blob["rng_cpu"])
     return state
+
+
+# ---- validation: a checkpoint is read as untrusted input, checked before any of it is used ----------------
+def check_loop_state(path: Path, state) -> None:
+    """trainer_state.json: the step of its directory's name, and a window of finite metric sums."""
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int or step != checkpoint_step(path):
+        raise UserError(f"{path}: trainer_state.json says step {step!r}, the directory step {checkpoint_step(path)}")
+    window = state.get("window", {})
+    ok = isinstance(window, dict) and all(
+        _finite_number(v) or (isinstance(v, list) and all(_finite_number(x) for x in v)) for v in window.values())
+    if not ok:
+        raise UserError(f"{path}: trainer_state.json has a malformed metric window")
+
+
+def check_rng_state(path: Path, blob) -> None:
+    rng = blob.get("rng_cpu") if isinstance(blob, dict) else None
+    like = torch.get_rng_state()
+    if not isinstance(blob, dict) or "optimizer" not in blob:
+        raise UserError(f"{path}: optimizer.pt is not a training state (expected 'optimizer' and 'rng_cpu')")
+    if not torch.is_tensor(rng) or rng.dtype != like.dtype or rng.shape != like.shape:
+        raise UserError(f"{path}: optimizer.pt holds no valid CPU random state ('rng_cpu')")
+
+
+def check_optimizer_state(path: Path, model, optimizer, named) -> None:
+    """Structure, names, shapes, dtypes and finiteness against the model's parameters, before the optimizer
+    (whose fused kernels write without bounds checks) ever sees them."""
+    def bad(why: str):
+        raise UserError(f"{path / 'optimizer.pt'}: {why}")
+
+    if not (isinstance(named, dict) and isinstance(named.get("state"), dict)
+            and isinstance(named.get("param_groups"), list)):
+        bad("not an optimizer state (expected 'state' and 'param_groups')")
+    params = {id(p): n for n, p in model.named_parameters()}
+    groups = [[params[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+    saved = named["param_groups"]
+    if len(saved) != len(groups) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
+                                        or sorted(map(str, g["params"])) != sorted(names)
+                                        for g, names in zip(saved, groups)):
+        bad("its parameter groups do not name this model's parameters")
+    for g in saved:
+        for key in ("lr", "eps", "weight_decay"):
+            if key in g and not _finite_number(g[key]):
+                bad(f"parameter group setting {key}={g[key]!r}")
+    for name, entry in named["state"].items():
+        if name not in shapes or not isinstance(entry, dict):
+            bad(f"state for {name!r}, which is not a trained parameter of this model")
+        for key, value in entry.items():
+            if not torch.is_tensor(value) or not value.is_floating_point():
+                bad(f"{name}.{key} is not a floating-point tensor")
+            want = torch.Size([]) if key == "step" else shapes[name]
+            if value.shape != want:
+                bad(f"{name}.{key} has shape {tuple(value.shape)}, the parameter needs {tuple(want)}")
+            if not bool(torch.isfinite(value).all()) or (key == "step" and float(value) < 0):
+                bad(f"{name}.{key} holds NaN, inf or a negative step")
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -3,8 +3,8 @@
 Per optimizer step: fetch the step's micro-batches (a pure function of the step, collated during the
 previous step's backward), run the objective under autocast, divide the summed loss by the step's total
 units (tokens or pairs), accumulate, clip, step AdamW on a warmup + cosine schedule. Evaluate and checkpoint
-on their cadences. Stop with a clear message on a non-finite loss or gradient, leaving the last good
-checkpoint untouched.
+on their cadences. Stop with a clear message on a non-finite loss, gradient, updated weight or eval metric,
+leaving the last good checkpoint untouched: nothing non-finite is ever written.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from .state import checkpoint_dirs, load_training_checkpoint, save_training_chec
 
 
 class TrainingDiverged(UserError):
-    """Loss or gradient norm became NaN/inf."""
+    """Loss, gradient norm, an updated weight or an eval metric became NaN/inf."""
+
+
+def weights_sum(model) -> torch.Tensor:
+    """Sum of |w| over this rank's parameters, left on the device: NaN or inf iff some weight is (fused per
+    dtype and device by _foreach_norm; an L1 sum overflows fp32 only past ~1e38 in total)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return torch.stack([n.float() for n in torch._foreach_norm([t.detach() for t in local], 1)]).sum()
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -109,11 +116,15 @@ class Trainer:
         self.optimizer = make_optimizer(model, self.t, device)
         self.step = 0
         self.window: dict[str, float] = {}  # metric sums since the last train row
+        self._weights: torch.Tensor | None = None  # weights_sum after the last update, read when next convenient
         self._next: tuple[int, list[dict]] | None = None  # (step, its micro-batches), collated ahead
 
     # ---- state -------------------------------------------------------------------------------------
     def resume(self, checkpoint: Path) -> None:
         state = load_training_checkpoint(checkpoint, self.model, self.optimizer, self.dist)
+        if state["step"] > self.t.max_steps:
+            raise UserError(f"{checkpoint}: at step {state['step']}, past train.max_steps={self.t.max_steps}; "
+                            f"raise train.max_steps to go on, or use the checkpoint as it is")
         self.step, self.window = state["step"], state.get("window", {})
         if self.dist.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -126,6 +137,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank gathers the full state (FSDP2 needs all of them); rank 0 writes it."""
+        self.check_weights()
         model_state = self.dist.model_state(self.model)
         optim_state = self.dist.optimizer_state(self.model, self.optimizer)
         return self.dist.on_main(save_training_checkpoint, self.run_dir, self.step, self.model, model_state,
@@ -169,10 +181,14 @@ class Trainer:
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         sharded = hasattr(norm, "full_tensor")  # (a DTensor under FSDP2: read apart, it takes a collective)
-        values = read_values({**sums, **({} if sharded else {"grad_norm": norm})})  # the step's one device read
+        weights, self._weights = self._weights, None  # the previous update's check, read with this step's values
+        values = read_values({**sums, **({} if sharded else {"grad_norm": norm}),
+                              **({} if weights is None else {"weights": weights})})  # the step's one device read
         grad_norm = grad_norm_value(norm) if sharded else values.pop("grad_norm")
         sums = self.dist.sum_dict({**values, "tokens": tokens})
         tokens = int(sums.pop("tokens"))
+        if "weights" in sums:
+            self._stop_if_nonfinite_weights(sums.pop("weights"))
         mean_loss = sums["loss"] / total
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -184,8 +200,22 @@ class Trainer:
                 + f"; stopped without updating. Last good checkpoint: {last or 'none'}. Try a lower train.lr.")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._weights = weights_sum(model)  # (no device read here: the next read takes it along)
         self.step += 1
         return {"units": total, "tokens": tokens, "lr": lr, "grad_norm": grad_norm, **sums}
+
+    def check_weights(self) -> None:
+        """Stop if the last update left a NaN/inf weight. Called before anything is evaluated or written."""
+        if self._weights is not None:
+            weights, self._weights = self._weights, None
+            self._stop_if_nonfinite_weights(self.dist.sum([float(weights)])[0])
+
+    def _stop_if_nonfinite_weights(self, total: float) -> None:
+        if not math.isfinite(total):
+            raise TrainingDiverged(
+                f"non-finite weights after step {self.step}: the update overflowed; "
+                f"stopped, nothing written. Last good checkpoint: {self.latest_checkpoint() or 'none'}. "
+                f"Try a lower train.lr.")
 
     def _batches(self, step: int) -> list[dict]:
         """The step's micro-batches: collated ahead by the previous step where it could (a pure function of the
@@ -196,6 +226,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the held-out batches; a NaN/inf among them stops the run."""
+        self.check_weights()
         self.model.eval()
         sums: dict[str, float] = {}
         units = 0
@@ -211,7 +243,12 @@ class Trainer:
             units += n
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
-        return {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
+        means = {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"non-finite {bad[0]} at step {self.step}; stopped. Last good checkpoint: "
+                                   f"{self.latest_checkpoint() or 'none'}. Try a lower train.lr.")
+        return means
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self, *, log: MetricsLog | None = None) -> None:
