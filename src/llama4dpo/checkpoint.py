@@ -260,5 +260,5 @@ def _checkpoint_dir(path: str | Path) -> Path:
 def read_json(file: Path) -> dict:
     try:
         return json.loads(Path(file).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{file}: cannot read JSON ({e})") from None

@@ -53,6 +53,20 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+def cmd_manifest(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import MANIFEST, refuse_symlinks, write_manifest
+
+    path = Path(args.ckpt)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a checkpoint directory (no config.json)")
+    refuse_symlinks(path)
+    write_manifest(path)
+    print(f"wrote {path / MANIFEST}: this checkpoint's files as they are now are trusted from here on")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama4dpo", description="Llama 4 (text, MoE) with pretraining, SFT and DPO.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("out_ckpt")
     s.set_defaults(func=cmd_import_hf)
+
+    s = sub.add_parser("manifest", help="trust a checkpoint as it is: (re)write its manifest.json of sizes and "
+                                        "sha256 sums, which resuming requires")
+    s.add_argument("ckpt")
+    s.set_defaults(func=cmd_manifest)
 
     from .commands import add_commands  # training, evaluation and generation commands
     add_commands(sub)
@@ -92,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
+        return 2
+    except OSError as e:  # a file we could not write or read (disk full, read-only, permissions) that no
+        where = f"{e.filename}: " if e.filename else ""  # narrower handler named: still one line
+        print("error: " + " ".join(f"{where}{e.strerror or e}".split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed overflows above this
+
+
+# Argument types: argparse rejects a bad number with its one-line usage error naming the flag, before any
+# model is loaded (a batch size of -1 used to generate nothing and exit 0; a seed of 10**30, a traceback).
+def _integer(text: str, lo: int, hi: int | None = None) -> int:
+    text = text.strip()  # (int() ignores surrounding whitespace; the message must not carry a newline)
+    try:
+        n = int(text)
+    except ValueError:  # not an integer ("1e23", "2.5"), or too many digits to convert
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+    if n < lo or (hi is not None and n > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text[:40]}")
+    return n
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _integer(text, 0)
+
+
+def seed(text: str) -> int:
+    return _integer(text, 0, SEED_MAX)
+
+
+def _finite(text: str) -> float:
+    text = text.strip()
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(x):  # nan, inf, 1e999
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text[:40]}")
+    return x
+
+
+def non_negative_float(text: str) -> float:
+    x = _finite(text)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text[:40]}")
+    return x
+
+
+def probability(text: str) -> float:
+    """A nucleus mass: 0 < p <= 1."""
+    x = _finite(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text[:40]}")
+    return x
 
 
 def _config(args):
@@ -61,26 +116,56 @@ def _model_and_tokenizer(path):
     return load_model(path, resolve_device("auto")), load_tokenizer(path)
 
 
+def _read_prompts_file(path: str) -> str:
+    """The text of --prompts-file; a missing, unreadable or non-UTF-8 file is a one-line UserError."""
+    from pathlib import Path
+
+    from .errors import UserError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompts file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"prompts file {path} is a directory; give a text file with one prompt per line") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start}); give a text file with one "
+                        "prompt per line") from None
+    except (OSError, ValueError) as e:  # no permission, a NUL byte in the name, ...
+        raise UserError(f"cannot read prompts file {path!r}: {type(e).__name__}: {e}") from None
+
+
+def _read_prompts(args) -> list[str]:
+    import sys
+
+    from .errors import UserError
+
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompts_file:
+        text = _read_prompts_file(args.prompts_file)
+    else:
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"standard input is not UTF-8 text (byte {e.start})") from None
+    prompts = [l for l in text.splitlines() if l.strip()]
+    if not prompts:
+        raise UserError("no prompt: pass --prompt TEXT, --prompts-file FILE, or lines on standard input")
+    return prompts
+
+
 def cmd_generate(args) -> int:
     import sys
 
     from .data.chat import HUMAN, render_prompt
     from .generate import generate
 
+    prompts = _read_prompts(args)  # before loading the model: a bad prompts file fails fast
     model, tokenizer = _model_and_tokenizer(args.model)
     if args.dtype == "bf16":
         import torch
         model = model.to(torch.bfloat16)
-    if args.prompt is not None:
-        prompts = [args.prompt]
-    elif args.prompts_file:
-        from pathlib import Path
-        prompts = [l for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
-    else:
-        prompts = [l for l in sys.stdin.read().splitlines() if l.strip()]
-    if not prompts:
-        from .errors import UserError
-        raise UserError("no prompt: pass --prompt TEXT, --prompts-file FILE, or lines on standard input")
     s = _sampling(args)
     if not args.raw:
         prompts = [render_prompt([{"role": "user", "content": p}]) for p in prompts]
@@ -92,6 +177,9 @@ def cmd_generate(args) -> int:
         for p, text in zip(prompts, generate(model, tokenizer, prompts, s, batch_size=args.batch_size,
                                              compile=args.compile)):
             print(f"{p.strip()}\t{text.strip()}" if args.raw else text.strip())
+    if tokenizer.unknown_chars:  # the model saw <unk> where the user typed something else
+        print(f"note: {tokenizer.unknown_chars} characters outside the tokenizer's vocabulary mapped to <unk>",
+              file=sys.stderr)
     return 0
 
 
@@ -141,11 +229,11 @@ def cmd_demo(args) -> int:
 
 
 def _sampling_args(s: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    s.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k filter (default)")
+    s.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = no nucleus filter (default)")
+    s.add_argument("--seed", type=seed, default=None, help=f"0..{SEED_MAX}")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
@@ -182,7 +270,7 @@ def add_commands(sub) -> None:
     s.add_argument("--prompt", help="one prompt (else --prompts-file, else one prompt per line on stdin)")
     s.add_argument("--prompts-file")
     s.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="hold the weights in this dtype (bf16 reads half the bytes per token)")
     s.add_argument("--compile", action="store_true",
@@ -201,8 +289,8 @@ def add_commands(sub) -> None:
     s.add_argument("--ref", help="reference checkpoint (needed for implicit rewards, win rate and KL)")
     s.add_argument("--data", required=True)
     s.add_argument("--out", help="write the results as JSON")
-    s.add_argument("--limit", type=int, help="at most this many held-out prompts for generation")
-    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--limit", type=positive_int, help="at most this many held-out prompts for generation")
+    s.add_argument("--max-new-tokens", type=positive_int, default=48)
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.set_defaults(func=cmd_eval)
 

@@ -36,6 +36,7 @@ class _Tokenizer:
     """The shared half: special ids, bos/eos flags, decoding around specials, JSON save and fingerprint."""
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+    unknown_chars = 0  # characters encoded as <unk> by this object so far (byte-level BPE: never any)
 
     @property
     def vocab_size(self) -> int:
@@ -91,7 +92,8 @@ class _Tokenizer:
 
 
 class CharTokenizer(_Tokenizer):
-    """One id per character seen in training (sorted by code point, after the 4 specials); others -> <unk>."""
+    """One id per character seen in training (sorted by code point, after the 4 specials); others -> <unk>,
+    counted in `unknown_chars`."""
 
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
@@ -122,7 +124,10 @@ class CharTokenizer(_Tokenizer):
         for t in texts:
             # surrogatepass: a lone surrogate (possible in Python str, e.g. from JSON) becomes <unk>, not an error
             codes = np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-            out.append(self._lut[np.minimum(codes, len(self._lut) - 1)].tolist())
+            ids = self._lut[np.minimum(codes, len(self._lut) - 1)]
+            # Counted so that data preparation and generation can say how much text the model never sees.
+            self.unknown_chars += int(np.count_nonzero(ids == self.unk_id))
+            out.append(ids.tolist())
         return out
 
     def _decode_plain(self, ids: list[int]) -> str:

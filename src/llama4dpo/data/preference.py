@@ -122,6 +122,7 @@ def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: boo
     report.truncated_prompts = int(column(ds, "prompt_truncated")[keep].sum())
     report.truncated_chosen = int(column(ds, "chosen_truncated")[keep].sum())
     report.truncated_rejected = int(column(ds, "rejected_truncated")[keep].sum())
+    report.unknown_chars = int(column(ds, "unknown_chars")[keep].sum())
     ds = ds.remove_columns(list(FLAG_COLUMNS) + ["loc", "is_eval"])
     train_rows, eval_rows = np.flatnonzero(keep & ~is_eval), np.flatnonzero(keep & is_eval)
     if len(train_rows) == 0:

@@ -17,7 +17,8 @@ import hashlib
 
 import numpy as np
 
-FLAG_COLUMNS = ("prompt_too_long", "prompt_truncated", "chosen_truncated", "rejected_truncated")
+# Per-example columns the report counts (then removed): flags, and characters outside the tokenizer's vocabulary.
+FLAG_COLUMNS = ("prompt_too_long", "prompt_truncated", "chosen_truncated", "rejected_truncated", "unknown_chars")
 
 
 def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
@@ -54,6 +55,7 @@ def tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: i
     prompts = tokenizer.encode_batch(batch["prompt"], bos=True)
     chosens = tokenizer.encode_batch(batch["chosen"], eos=True)
     rejecteds = tokenizer.encode_batch(batch["rejected"], eos=True)
+    unk = tokenizer.unk_id
     out: dict[str, list] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids") + FLAG_COLUMNS}
     for p, c, r in zip(prompts, chosens, rejecteds):
         p2, c2, r2 = truncate_pair(p, c, r, max_length, max_prompt_length)
@@ -64,6 +66,9 @@ def tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: i
         out["prompt_truncated"].append(len(p2) < len(p))
         out["chosen_truncated"].append(len(c2) < len(c))
         out["rejected_truncated"].append(len(r2) < len(r))
+        # <unk> only comes from text outside the vocabulary (a literal "<unk>" in text is ordinary characters);
+        # counted from the ids, not the tokenizer's counter, which stays in a worker process when num_proc > 1.
+        out["unknown_chars"].append(p.count(unk) + c.count(unk) + r.count(unk))
     return out
 
 
@@ -75,7 +80,7 @@ def tokenize_pairs(ds, tokenizer, max_length: int, max_prompt_length: int, num_p
     features = datasets.Features({k: v for k, v in ds.features.items() if k not in ("prompt", "chosen", "rejected")})
     ids = datasets.Sequence(datasets.Value("int32"))  # half the memory of int64, and faster to build
     features.update({"prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids})
-    features.update({k: datasets.Value("bool") for k in FLAG_COLUMNS})
+    features.update({k: datasets.Value("int32" if k == "unknown_chars" else "bool") for k in FLAG_COLUMNS})
     fp = getattr(tokenizer, "fingerprint", lambda: type(tokenizer).__name__)()
     # An explicit fingerprint spares `datasets` from hashing the tokenizer object (slow for large vocabularies).
     fingerprint = hashlib.sha256(f"{ds._fingerprint}/{fp}/{max_length}/{max_prompt_length}".encode()).hexdigest()

@@ -54,6 +54,7 @@ class DataReport:
     truncated_prompts: int = 0       # prompts cut to their last max_prompt_length tokens
     truncated_chosen: int = 0        # responses cut to fit max_length (their eos is lost)
     truncated_rejected: int = 0
+    unknown_chars: int = 0           # characters of the kept pairs outside the tokenizer's vocabulary (-> <unk>)
 
     def where(self, loc: int) -> str:
         return f"{self.source} line {loc}" if self.unit == "line" else f"{self.source} record {loc}"
@@ -88,4 +89,6 @@ class DataReport:
                          f"prompts keep their end, responses their start): {self.truncated_prompts} prompts, "
                          f"{self.truncated_chosen} chosen and {self.truncated_rejected} rejected responses cut "
                          "(a cut response loses its eos)")
+        if self.unknown_chars:
+            lines.append(f"  {self.unknown_chars} characters outside the tokenizer's vocabulary mapped to <unk>")
         return "\n".join(lines)

@@ -4,7 +4,7 @@ Local files: .jsonl, .json, .csv, .parquet, each optionally gzipped (.jsonl.gz, 
 read here line by line, so one malformed line is a counted skip located by its 1-based line number
 (`datasets`' JSON loader would fail on the whole file, and CSV fields may span lines). JSON arrays and
 parquet are read whole and located by 0-based record index (a .json file holding JSON lines is read
-as JSONL). A hub name goes to `datasets.load_dataset(name, split=data.split)` (records located by
+as JSONL; a JSON array saved as .jsonl is a one-line error asking for the .json name). A hub name goes to `datasets.load_dataset(name, split=data.split)` (records located by
 index); `data.split` applies to hub data sets only. `data.max_samples` keeps the first records, bad
 ones included. Everything downstream works on `datasets.Dataset`s built from the extracted texts.
 """
@@ -78,7 +78,12 @@ def read_records(source: str, *, split: str = "train", max_samples: int | None =
     limit = sys.maxsize if max_samples is None else max_samples
     try:
         if kind == "jsonl":
-            return RawRecords(source, "line", _read_jsonl(path, limit))
+            rows = _read_jsonl(path, limit)
+            if rows and not any(isinstance(r, dict) for _, r in rows) and _starts_with_bracket(path):
+                # Its lines are fragments of one array (or one line holding a list): no record would parse.
+                raise UserError(f"data file {source} looks like a JSON array, not JSON lines (one object per "
+                                "line); rename it from .jsonl to .json")
+            return RawRecords(source, "line", rows)
         if kind == "json":
             return _read_json(path, source, limit)
         if kind == "csv":
@@ -107,6 +112,11 @@ def _read_jsonl(path: Path, limit: int) -> list:
                 continue
             rows.append((lineno, rec if isinstance(rec, dict) else Skip("malformed_json", "not a JSON object")))
     return rows
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open_binary(path) as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")  # (after a UTF-8 BOM)
 
 
 def _read_json(path: Path, source: str, limit: int) -> RawRecords:

@@ -3,19 +3,27 @@
 Our module names are transformers' without the `model.` prefix of the CausalLM wrapper, and the experts
 use the same fused (E, D, 2I) / (E, I, D) layout, so conversion is the key table below - no reshaping.
 Neither direction needs transformers installed.
+
+Both directions read folders someone else may have crafted, so every file read is a plain file inside the
+folder (no symlink, no `../` or absolute path from an index), and every bad value - a config field of the
+wrong type, a truncated shard, a tensor of the wrong shape, dtype or with NaN/inf - is a one-line UserError
+naming the file and key, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import typing
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_dir, load_model, model_state_dict, read_json, save_model, TOKENIZER
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, _coerce
 from ..errors import UserError
 from ..model import LlamaModel
 
@@ -37,6 +45,11 @@ SAME_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "bos_token_id", "eos_token_id", "initializer_range", "max_position_embeddings",
                "router_aux_loss_coef"]
 OUR_TOKENIZER = "llama4dpo_tokenizer.json"  # beside the HF files; HF's own tokenizer.json is another format
+INDEX = "model.safetensors.index.json"        # a sharded checkpoint's {"weight_map": {tensor: shard file}}
+# Our llama3 RoPE fields -> (name in config.json's rope_scaling, transformers' default; None: required).
+LLAMA3_ROPE = {"rope_factor": ("factor", None), "rope_low_freq_factor": ("low_freq_factor", 1.0),
+               "rope_high_freq_factor": ("high_freq_factor", 4.0),
+               "rope_original_max_position_embeddings": ("original_max_position_embeddings", 8192)}
 
 
 def hf_config_dict(m: ModelConfig) -> dict:
@@ -57,10 +70,18 @@ def hf_config_dict(m: ModelConfig) -> dict:
     return d
 
 
-def model_config_from_hf(d: dict) -> ModelConfig:
+def model_config_from_hf(d, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig from a transformers config.json; a bad value is a UserError naming `where` and the key."""
+    def bad(why) -> typing.NoReturn:
+        raise UserError(f"{where}: {why}")
+
+    if not isinstance(d, dict):
+        bad(f"expected a JSON object, got {type(d).__name__}")
     d = d.get("text_config", d)  # the multimodal Llama4Config nests the text model's config
+    if not isinstance(d, dict):
+        bad(f"text_config: expected a JSON object, got {type(d).__name__}")
     if d.get("model_type") not in (None, "llama4_text", "llama4"):
-        raise UserError(f"not a Llama 4 text config (model_type={d.get('model_type')!r})")
+        bad(f"not a Llama 4 text config (model_type={d.get('model_type')!r:.60})")
     kw = {k: d[k] for k in SAME_FIELDS if k in d and k != "router_aux_loss_coef"}
     kw["attn_temperature_tuning"] = bool(d.get("attn_temperature_tuning", True))
     for k in ("num_key_value_heads", "intermediate_size", "intermediate_size_mlp", "moe_layers", "no_rope_layers"):
@@ -70,19 +91,33 @@ def model_config_from_hf(d: dict) -> ModelConfig:
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids may be lists in hub configs
         if isinstance(kw.get(k), list):
             kw[k] = kw[k][0] if kw[k] else None
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 500000.0)))
-    if rope.get("rope_type", rope.get("type", "default")) == "llama3":
-        kw.update(rope_type="llama3", rope_factor=float(rope["factor"]),
-                  rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                  rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                  rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)))
-    cfg = ModelConfig(**kw)
-    cfg.validate()
+    rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = d.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        bad(f"{rope_key}: expected a JSON object or null, got {rope!r:.60}")
+    kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 500000.0))
+    kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))  # validate() refuses all but default, llama3
+    names = {k: k for k in kw}  # our field -> its name in config.json, for error messages
+    names["rope_type"] = f"{rope_key}.rope_type"
+    if kw["rope_type"] == "llama3":
+        for ours, (theirs, default) in LLAMA3_ROPE.items():
+            kw[ours], names[ours] = rope.get(theirs, default), f"{rope_key}.{theirs}"
+    try:
+        # each value checked against ModelConfig's annotation (ConfigError naming the key), then the usual checks
+        hints = typing.get_type_hints(ModelConfig)
+        cfg = ModelConfig(**{k: _coerce(v, hints[k], names[k]) for k, v in kw.items()})
+        cfg.validate()
+    except UserError as e:  # ConfigError included
+        bad(e)
+    except (TypeError, ValueError, OverflowError) as e:
+        bad(f"unusable config ({type(e).__name__}: {e})")
     return cfg
 
 
+# ---- export -----------------------------------------------------------------------------------------------------
+
 def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
+    # load_model refuses a checkpoint holding any symlink: export would copy its target (a private key...) out
     model = load_model(ckpt)
     sd = {to_hf_key(k): v for k, v in model_state_dict(model).items()}
     with atomic_dir(out_dir) as tmp:
@@ -93,35 +128,90 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
+# ---- import -----------------------------------------------------------------------------------------------------
+
 def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
+    if not os.path.lexists(hf_dir / "config.json"):
         raise UserError(f"{hf_dir}: no config.json (expected a transformers model directory)")
-    cfg = Config(model=model_config_from_hf(read_json(hf_dir / "config.json")))
+    config = _plain_file(hf_dir, "config.json")
+    cfg = Config(model=model_config_from_hf(read_json(config), where=str(config)))
     model = LlamaModel(cfg.model)
-    sd = {}
-    for f in _weight_files(hf_dir):
-        sd.update({from_hf_key(k): v for k, v in load_file(str(f)).items()})
-    if cfg.model.tie_word_embeddings:
-        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
-    ours = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k in ours or not k.startswith(("vision", "multi_modal"))}
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise UserError(f"{hf_dir}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
+    model.load_state_dict(_read_weights(hf_dir, model), strict=True)
     tokenizer = None
-    if (hf_dir / OUR_TOKENIZER).is_file():
+    if os.path.lexists(hf_dir / OUR_TOKENIZER):
         from ..tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(hf_dir / OUR_TOKENIZER)
+        tokenizer = load_tokenizer(_plain_file(hf_dir, OUR_TOKENIZER))
     return save_model(out_ckpt, model, cfg, tokenizer)
 
 
+def _read_weights(hf_dir: Path, model: LlamaModel) -> dict[str, torch.Tensor]:
+    """All shards' tensors under our names, as float32, each checked: a known name, the config's shape,
+    floating point and finite. Errors name the shard and transformers' tensor name."""
+    ours = model.state_dict()
+    sd, origin = {}, {}  # our key -> tensor, and -> "shard: their key" for messages
+    for f in _weight_files(hf_dir):
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:  # truncated, not safetensors, unknown dtype
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+        for k, v in tensors.items():
+            key = from_hf_key(k)
+            if key not in ours and key.startswith(("vision", "multi_modal")):
+                continue  # the multimodal checkpoint's image tower
+            if key in sd:
+                raise UserError(f"{f}: {k} is also in {origin[key]}")
+            sd[key], origin[key] = v, f"{f}: {k}"
+    if model.cfg.tie_word_embeddings and "embed_tokens.weight" in sd:
+        sd.setdefault("lm_head.weight", sd["embed_tokens.weight"])
+        origin.setdefault("lm_head.weight", origin["embed_tokens.weight"])
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    if missing or unexpected:
+        raise UserError(f"{hf_dir}: weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in sd.items():
+        if v.shape != ours[k].shape:
+            raise UserError(f"{origin[k]} has shape {tuple(v.shape)}, config.json implies {tuple(ours[k].shape)}")
+        if not v.dtype.is_floating_point:
+            raise UserError(f"{origin[k]} is {v.dtype}; weights must be floating point")
+        sd[k] = v = v.to(torch.float32)
+        if not torch.isfinite(v).all():
+            raise UserError(f"{origin[k]} has non-finite values (NaN or inf)")
+    return sd
+
+
 def _weight_files(hf_dir: Path) -> list[Path]:
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [hf_dir / f for f in sorted(set(read_json(index)["weight_map"].values()))]
-    files = sorted(hf_dir.glob("*.safetensors"))
+    """The shards the index names, or else every *.safetensors; each a plain file inside hf_dir."""
+    if os.path.lexists(hf_dir / INDEX):
+        index = _plain_file(hf_dir, INDEX)
+        d = read_json(index)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict):
+            raise UserError(f'{index}: expected {{"weight_map": {{tensor name: shard file}}}}')
+        for k, name in weight_map.items():
+            if not isinstance(name, str):
+                raise UserError(f"{index}: weight_map[{k!r:.80}] must be a file name, got {name!r:.60}")
+        return [_plain_file(hf_dir, name, named_by=f"{index}: weight_map entry")
+                for name in sorted(set(weight_map.values()))]
+    files = [_plain_file(hf_dir, p.name) for p in sorted(hf_dir.glob("*.safetensors"))]
     if not files:
         raise UserError(f"{hf_dir}: no .safetensors weights (pytorch_model.bin is not loaded: it would unpickle)")
     return files
+
+
+def _plain_file(folder: Path, name: str, named_by: str = "") -> Path:
+    """folder/name, refused unless it is a regular file inside `folder` and not a symlink: a crafted index
+    must not make us read `../../secret` or `/etc/shadow`, nor a link to them."""
+    path = folder / name
+    prefix = f"{named_by} {name!r:.120}" if named_by else str(path)
+    if path.is_symlink():
+        raise UserError(f"{path}: is a symbolic link; refusing to read through it (copy the target in)")
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, RuntimeError) as e:  # a NUL byte in the name, a symlink loop above it
+        raise UserError(f"{prefix}: not a usable file name ({type(e).__name__}: {e})") from None
+    if not inside:
+        raise UserError(f"{prefix}: lies outside {folder}; refusing to read it")
+    if not path.is_file():
+        raise UserError(f"{prefix}: missing, or not a regular file")
+    return path
+

@@ -97,10 +97,7 @@ def _fresh_or_resume(out: Path, cfg: Config, resume: bool, inputs: dict) -> Path
             raise UserError(f"{out}: holds a run with a different config ({diff}); "
                             f"use another --out, or --overwrite to discard it")
         if checkpoint_dirs(out):
-            good = latest_good_checkpoint(out)
-            if good is not None:
-                return good
-            raise UserError(f"{out}: every checkpoint is damaged; use --overwrite to start over")
+            return latest_good_checkpoint(out)  # (a one-line error when every one is damaged)
         if resume:
             raise UserError(f"{out}: no checkpoint to resume from yet")
         remove_run_files(out)  # same config but nothing saved yet: start over cleanly

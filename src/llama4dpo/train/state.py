@@ -81,13 +81,20 @@ def flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def latest_good_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files match their manifest; damaged newer ones are skipped with a warning."""
+    """The newest checkpoint whose files match their manifest; damaged newer ones are skipped with a warning.
+    When none is good, a one-line error gives the newest one's reason."""
+    reasons = []
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             verify_manifest(path, required=True)
-            return path
         except UserError as e:
-            print(f"warning: skipping damaged checkpoint: {e}", file=sys.stderr)
+            reasons.append(str(e))
+            continue
+        for reason in reasons:
+            print(f"warning: skipping damaged checkpoint: {reason}", file=sys.stderr)
+        return path
+    if reasons:
+        raise UserError(f"{run_dir}: no usable checkpoint (newest: {reasons[0]}); use --overwrite to start over")
     return None
 
 
