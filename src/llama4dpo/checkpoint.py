@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import Config
 from .errors import UserError
 from .model import LlamaModel
+from .resources import check_model
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
@@ -188,6 +189,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaMod
     path = _checkpoint_dir(path)
     verify_manifest(path)
     cfg = load_config(path)
+    check_model(cfg.model, "cpu", str(path / CONFIG), copies=2)  # built on the CPU, beside the weights read
+    check_model(cfg.model, device, str(path / CONFIG))
     model = LlamaModel(cfg.model)
     load_weights(model, path / WEIGHTS)
     return model.to(device).eval()

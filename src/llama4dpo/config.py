@@ -102,8 +102,16 @@ class ModelConfig:
         n = self.no_rope_layer_interval
         return [(i + 1) % n != 0 for i in range(self.num_hidden_layers)]
 
-    def is_moe_layer(self, i: int) -> bool:
-        return i in self.moe_layer_ids
+    def is_moe_layer(self, i: int) -> bool:  # (per layer in O(1): building a deep model stays linear)
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return (i + 1) % self.interleave_moe_layer_step == 0
+
+    def uses_rope(self, i: int) -> bool:
+        """Layer i's entry of rope_layer_flags, without building the list."""
+        if self.no_rope_layers:
+            return bool(self.no_rope_layers[i])
+        return (i + 1) % self.no_rope_layer_interval != 0
 
     def validate(self) -> None:
         def bad(key: str, why: str):

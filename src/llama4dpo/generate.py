@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import resources
 from .errors import UserError
 
 
@@ -173,6 +174,13 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
                         f"max_new_tokens")
     device = next(model.parameters()).device
     B = len(prompts)
+    max_len = longest + s.max_new_tokens
+    if compile:  # cache lengths in steps of 128: batches of other lengths reuse the compiled step
+        max_len = min(ctx, -(-max_len // 128) * 128)
+    # before anything of the batch's size is allocated: a one-line error naming the batch size and max_new_tokens
+    resources.check_generation(model.cfg, B, max_len, device, max_new_tokens=s.max_new_tokens,
+                               prompt_len=longest if use_cache else max_len,
+                               dtype_bytes=model.cache_dtype().itemsize, kv_cache=use_cache)
     ids = torch.full((B, longest), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, longest), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # left padding
@@ -181,9 +189,6 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     generator = None
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
-    max_len = longest + s.max_new_tokens
-    if compile:  # cache lengths in steps of 128: batches of other lengths reuse the compiled step
-        max_len = min(ctx, -(-max_len // 128) * 128)
     if not use_cache:
         return _sample(model, ids, mask, None, None, s, generator, eos_id, pad_id, on_token)
     if compile:

@@ -41,9 +41,11 @@ from __future__ import annotations
 import functools
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import resources
 from ..errors import UserError
 from .chat import render_prompt
 
@@ -190,7 +192,43 @@ TASKS: dict[str, Callable[[int, int], Task]] = {"assistant": make_assistant}
 
 @functools.lru_cache(maxsize=8)
 def get_task(name: str, seed: int = 0, size: int = 4000) -> Task:
-    """The task behind `builtin:NAME` (cached: generation is deterministic in (name, seed, size))."""
+    """The task behind `builtin:NAME` (cached: generation is deterministic in (name, seed, size)).
+    A size whose records would not fit in this machine's available memory is refused up front."""
     if name not in TASKS:
         raise UserError(f"unknown built-in task {name!r} (available: {', '.join(sorted(TASKS))})")
+    check_size(name, seed, size)
     return TASKS[name](seed, size)
+
+
+SAMPLE_SIZE = 64  # records generated to measure a record's size
+TOKEN_BYTES = 4   # an int32 token id per character (the character tokenizer; BPE needs fewer)
+
+
+def record_bytes(name: str, seed: int = 0) -> float:
+    """Memory per unit of `size` (one transcript and one pair), measured on a small sample: the Python strings,
+    tuples and dicts generated (prompts are shared, not counted), the corpus text joined for pretraining, and
+    their token ids at TOKEN_BYTES a character. A lower bound: tokenised tables and batches come on top."""
+    task = TASKS[name](seed, SAMPLE_SIZE)
+    size = sys.getsizeof
+    n = 0
+    for p, r in task.corpus:
+        n += 8 + size((p, r)) + size(r) + size(p + r) + TOKEN_BYTES * len(p + r)   # (8: the list's slot)
+    for pair in task.pairs:
+        n += 8 + size(pair) + sum(size(v) for k, v in pair.items() if k != "prompt")
+        n += TOKEN_BYTES * sum(len(v) for v in pair.values())
+    return n / SAMPLE_SIZE
+
+
+def check_size(name: str, seed: int, size: int) -> None:
+    """One-line UserError naming data.builtin_size when it is < 1, or when `size` records (at `record_bytes`
+    each) exceed the memory available: data.builtin_size=1000000000 would need ~0.5 TB and hours to generate."""
+    if size < 1:
+        raise UserError(f"data.builtin_size: must be >= 1, got {size}")
+    available = resources.available_bytes("cpu")
+    if available is None or size <= SAMPLE_SIZE:
+        return
+    need = size * record_bytes(name, seed)
+    if need > available:
+        raise UserError(f"data.builtin_size={size}: builtin:{name} would generate {size:,} transcripts and "
+                        f"{size:,} pairs, at least {resources.human(need)} with their tokens, this machine has "
+                        f"{resources.human(available)} available; lower data.builtin_size")

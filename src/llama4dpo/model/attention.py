@@ -77,7 +77,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.n_kv_heads, cfg.d_head
-        self.use_rope = cfg.rope_layer_flags[layer_idx]
+        self.use_rope = cfg.uses_rope(layer_idx)
         self.chunked = self.use_rope and cfg.attention_chunk_size is not None
         # NoPE layers get neither qk-norm nor RoPE, but (optionally) temperature tuning.
         self.qk_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, weight=False) if cfg.use_qk_norm and self.use_rope else None

@@ -15,6 +15,7 @@ from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, save
 from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
+from ..resources import check_training
 from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
@@ -99,6 +100,7 @@ def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, re
     m.vocab_size, m.pad_token_id, m.bos_token_id, m.eos_token_id = (
         tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     cfg.validate()
+    check_training(cfg, device, reference=False, world_size=dist.world, sharded=dist.strategy == "fsdp")
     if dist.on_main(tokenizer.fingerprint) != tokenizer.fingerprint():
         raise UserError("the processes built different tokenizers from the same data; train one with a single "
                         "process first and resume from its run directory")
@@ -162,6 +164,8 @@ def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwr
     out = Path(out)
     dist, device, show = _setup(cfg, show)
     init, cfg, tokenizer = _init_from(cfg, init)
+    check_training(cfg, device, reference=False, command="sft", world_size=dist.world,
+                   sharded=dist.strategy == "fsdp")
     resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
                                inputs={"command": "sft", "data": data, "init": init.resolve()})
     dist.on_main(_save_tokenizer, out, tokenizer)
@@ -188,6 +192,8 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
     dist, device, show = _setup(cfg, show)
     init, cfg, tokenizer = _init_from(cfg, init)
     ref = resolve_checkpoint(ref) if ref is not None else init
+    check_training(cfg, device, reference=not cfg.dpo.precompute_ref, command="dpo", world_size=dist.world,
+                   sharded=dist.strategy == "fsdp")
     resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
                                inputs={"command": "dpo", "data": data, "init": init.resolve(), "ref": ref.resolve()})
     dist.on_main(_save_tokenizer, out, tokenizer)
