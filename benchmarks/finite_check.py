@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per setting per round")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args()
+    if args.rounds * args.steps < 2:
+        p.error("--rounds x --steps must be at least 2 (a median and a spread)")
 
     from llama4dpo import Config, load_model
     from llama4dpo.config import DPOConfig, TrainConfig
@@ -84,16 +86,20 @@ def main() -> None:
         alone.append(time.perf_counter() - t)
 
     on, off = (statistics.median(times[n]) for n in settings)
+    q = statistics.quantiles(times["without"], n=4)
+    spread = (q[2] - q[0]) / off  # the noise a difference of medians has to be read against
     direct = statistics.median(alone)
     rows = [[f"{args.preset}, E={args.experts}, fp32, frozen reference", f"{info['total_params'] / 1e6:.1f}M",
-             f"{on * 1e3:.1f}", f"{off * 1e3:.1f}", f"{100 * (on / off - 1):+.1f}%",
+             f"{on * 1e3:.1f}", f"{off * 1e3:.1f}", f"{100 * (on / off - 1):+.1f}%", f"{100 * spread:.1f}%",
              f"{direct * 1e3:.2f} ({100 * direct / off:.2f}%)"]]
     table = markdown_table(["DPO step (CPU, 8 pairs x 128 tokens)", "params", "ms with check", "ms without",
-                            "difference of medians", "check alone, ms (share of step)"], rows)
+                            "difference of medians", "steps' spread (IQR / median)",
+                            "check alone, ms (share of step)"], rows)
     body = (f"### Finiteness check of the updated weights\n\n`python benchmarks/finite_check.py` — "
             f"{datetime.date.today()}, {machine()}; medians of {len(times['without'])} steps per setting, "
-            f"the two alternating in one process (the difference of medians is within the machine's noise; "
-            f"the check alone is the direct cost).\n\n{table}")
+            f"the two alternating in one process. The difference of medians is to be read against the steps' "
+            f"own spread on this shared machine; the check alone (median of 50 calls) is its direct cost."
+            f"\n\n{table}")
     print(body)
     if not args.no_write:
         write_section("finite_check", body)

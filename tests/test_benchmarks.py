@@ -46,3 +46,11 @@ def test_dpo_speed_refuses_a_bad_flag_in_one_line(flag):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"dpo_speed.py: error: {flag[0]}")
+
+
+def test_finite_check_times_the_step_with_and_without_the_check():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finite_check.py"), "--rounds", "1", "--steps", "2",
+                        "--experts", "4", "--no-write"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| 15m, E=4"))
+    assert len(row.split("|")) == 9 and "%)" in row
