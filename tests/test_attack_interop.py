@@ -203,3 +203,16 @@ def test_import_malformed_input_is_one_line_error(hf, tmp_path, case, capsys):
     one_line_error(capsys, *names)
     assert not (tmp_path / "back").exists()
 
+
+
+@pytest.mark.parametrize("command", ["export-hf", "import-hf"])
+def test_the_output_folder_is_never_replaced_unless_it_holds_only_a_model(ckpt, hf, tmp_path, command, capsys):
+    out = tmp_path / "home"
+    (out / ".ssh").mkdir(parents=True)
+    (out / ".ssh" / "id_rsa").write_bytes(SECRET)
+    source = ckpt if command == "export-hf" else hf
+    assert main([command, str(source), str(out)]) == 2
+    one_line_error(capsys, "refusing to replace it")
+    assert (out / ".ssh" / "id_rsa").read_bytes() == SECRET and [p.name for p in out.iterdir()] == [".ssh"]
+    again = tmp_path / "again"  # a model written there before is replaced, as a re-export expects
+    assert main([command, str(source), str(again)]) == 0 and main([command, str(source), str(again)]) == 0

@@ -26,6 +26,8 @@ from .resources import check_model
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
+# Every file a checkpoint or an export holds: atomic_dir replaces a directory holding nothing else.
+MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json"}
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a full disk or a read-only folder raises
 
 
@@ -136,6 +138,12 @@ class atomic_dir:
         self.tmp = self.final.parent / f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
+        if self.final.is_symlink() or self.final.exists():  # replaced only if it holds what we write
+            foreign = ([p.name for p in self.final.iterdir() if p.name not in MODEL_FILES]
+                       if self.final.is_dir() and not self.final.is_symlink() else [self.final.name])
+            if foreign:
+                raise UserError(f"{self.final}: exists and holds {foreign[0]!r}, which no checkpoint holds; "
+                                f"refusing to replace it (choose another path)")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir()
         return self.tmp

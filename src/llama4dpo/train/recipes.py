@@ -249,8 +249,15 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
         with safe_open(str(path), "pt") as f:
             return f.get_tensor("sums"), f.get_tensor("counts")
     sums, counts = precompute_reference_logps(reference, batches, n, device)
-    dist.on_main(save_file, {"sums": sums, "counts": counts}, str(path), metadata={"key": key})
+    dist.on_main(_write_cache, path, {"sums": sums, "counts": counts}, key)
     return sums, counts
+
+
+def _write_cache(path: Path, tensors: dict, key: str) -> None:
+    try:
+        save_file(tensors, str(path), metadata={"key": key})
+    except WRITE_ERRORS as e:
+        raise UserError(f"could not write {path} ({write_error_cause(e, path.parent)})") from None
 
 
 def _cache_holds(path: Path, key: str) -> bool:
