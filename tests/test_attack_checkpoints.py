@@ -56,16 +56,21 @@ def resume_cli(run, *extra):
                            "train.save_every=2", *extra], capture_output=True, text=True, timeout=300)
 
 
-def test_wrong_shaped_exp_avg_is_refused_before_the_fused_adamw(run):
+@pytest.mark.parametrize("moment, message", [
+    (lambda shape: torch.zeros(3), "exp_avg has shape (3,)"),  # the fused CPU kernel would write past it
+    (lambda shape: torch.zeros(1).expand(shape), "exp_avg is not a contiguous tensor"),  # right shape, 4 bytes
+])
+def test_a_crafted_exp_avg_is_refused_before_the_fused_adamw(run, moment, message):
     latest = checkpoint_dirs(run)[-1]
     blob = torch.load(latest / "optimizer.pt", weights_only=True)
     name = "embed_tokens.weight"
-    blob["optimizer"]["state"][name]["exp_avg"] = torch.zeros(3)  # the fused CPU kernel would write past it
+    entry = blob["optimizer"]["state"][name]
+    entry["exp_avg"] = moment(entry["exp_avg"].shape)
     plant(latest, "optimizer.pt", blob)
     result = resume_cli(run)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert f"{name}.exp_avg has shape (3,)" in result.stderr
+    assert f"{name}.{message}" in result.stderr
 
 
 def _optimizer_blob(run):
@@ -78,19 +83,28 @@ def _edit_state(blob, key, value):
     return blob
 
 
+def _drop_state(blob, key):
+    del next(iter(blob["optimizer"]["state"].values()))[key]
+    return blob
+
+
 CRAFTED_OPTIMIZER = {
     "not a dict": lambda b: torch.zeros(2),
     "no rng": lambda b: {"optimizer": b["optimizer"]},
     "garbled rng": lambda b: {**b, "rng_cpu": torch.zeros(7)},
     "rng of floats": lambda b: {**b, "rng_cpu": b["rng_cpu"].float()},
+    "rng not contiguous": lambda b: {**b, "rng_cpu": torch.stack([b["rng_cpu"], b["rng_cpu"]], 1)[:, 0]},
+    "missing moment": lambda b: _drop_state(b, "exp_avg"),
+    "amsgrad's extra moment": lambda b: _edit_state(b, "max_exp_avg_sq", next(iter(
+        b["optimizer"]["state"].values()))["exp_avg_sq"].clone()),
+    "more updates than steps": lambda b: _edit_state(b, "step", torch.tensor(50.0)),
+    "fractional step": lambda b: _edit_state(b, "step", torch.tensor(1.5)),
     "no state": lambda b: {**b, "optimizer": {"param_groups": b["optimizer"]["param_groups"]}},
     "unknown parameter": lambda b: {**b, "optimizer": {**b["optimizer"], "state": {"x.weight": {}}}},
     "integer moment": lambda b: _edit_state(b, "exp_avg_sq", torch.zeros(1, dtype=torch.int64)),
     "NaN moment": lambda b: _edit_state(b, "exp_avg", torch.full_like(
         next(iter(b["optimizer"]["state"].values()))["exp_avg"], float("nan"))),
     "negative step": lambda b: _edit_state(b, "step", torch.tensor(-5.0)),
-    "string lr": lambda b: {**b, "optimizer": {**b["optimizer"], "param_groups": [
-        {**g, "lr": "fast"} for g in b["optimizer"]["param_groups"]]}},
     "groups swapped": lambda b: {**b, "optimizer": {**b["optimizer"], "param_groups":
                                                     b["optimizer"]["param_groups"][::-1]}},
 }
@@ -101,6 +115,29 @@ def test_crafted_optimizer_state_is_one_line(run, case, capsys):
     plant(checkpoint_dirs(run)[-1], "optimizer.pt", CRAFTED_OPTIMIZER[case](_optimizer_blob(run)))
     assert pretrain(run, "train.max_steps=6") == 2
     assert "optimizer.pt" in one_line_error(capsys)
+
+
+def test_hyperparameters_come_from_the_config_not_the_file(run, capsys):
+    """A string lr or NaN betas in optimizer.pt is not used: the run's config (which a resume cannot change)
+    sets them, so the crafted values cannot crash the step or poison the weights."""
+    blob = _optimizer_blob(run)
+    blob["optimizer"]["param_groups"] = [{**g, "lr": "fast", "betas": (float("nan"), 2.0), "amsgrad": True}
+                                         for g in blob["optimizer"]["param_groups"]]
+    plant(checkpoint_dirs(run)[-1], "optimizer.pt", blob)
+    assert pretrain(run, "train.max_steps=6") == 0
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_an_unreadable_reference_cache_is_recomputed(tmp_path):
+    from llama4dpo.train.recipes import _read_cache, _write_cache
+
+    cache = tmp_path / "ref_logps_train.safetensors"
+    _write_cache(cache, {"sums": torch.zeros(3), "counts": torch.ones(3)}, "k1")
+    assert _read_cache(cache, "k1") and not _read_cache(cache, "k2")
+    cache.write_bytes(cache.read_bytes()[:20])  # truncated (a full disk in an older version)
+    assert not _read_cache(cache, "k1")
+    assert not list(tmp_path.glob(".*"))  # no temporary left beside it
 
 
 @pytest.mark.parametrize("step", [10_000_000, -100, "4", 3, None])

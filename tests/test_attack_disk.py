@@ -97,3 +97,20 @@ def test_a_read_only_run_directory_is_one_line(small_disk, capsys):
     assert pretrain(small_disk / "fresh", *STEPS) == 2  # a new run cannot even make its folder
     err = one_line_error(capsys)
     assert str(small_disk / "fresh") in err and "Read-only file system" in err
+
+
+@pytest.mark.parametrize("command", ["export-hf", "import-hf"])
+def test_export_and_import_onto_a_full_disk_are_one_line(small_disk, tmp_path, command, capsys):
+    from llama4dpo.cli import main
+
+    assert pretrain(tmp_path / "run", "train.max_steps=2", "train.save_every=2") == 0
+    source = tmp_path / "run" / "final"
+    if command == "import-hf":
+        assert main(["export-hf", str(source), str(tmp_path / "hf")]) == 0
+        source = tmp_path / "hf"
+    fill(small_disk, small_disk / "ballast")
+    out = small_disk / "out"
+    assert main([command, str(source), str(out)]) == 2
+    err = one_line_error(capsys)
+    assert str(out) in err and "No space left on device" in err
+    assert not out.exists() and [p.name for p in small_disk.iterdir()] == ["ballast"]  # no temporary left

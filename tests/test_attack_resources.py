@@ -226,3 +226,11 @@ def test_cli_batch_size_fails_fast(tmp_path, capsys, monkeypatch):
 def test_cli_builtin_size_fails_fast(tmp_path, capsys, monkeypatch):
     err = run_cli(tmp_path, capsys, monkeypatch, "data.builtin_size=1000000000")
     assert "data.builtin_size=1000000000" in err
+
+
+def test_fsdp_counts_the_whole_model_each_process_builds_before_sharding(monkeypatch):
+    cfg = Config.load("tiny")
+    whole = resources.parameter_count(cfg.model) * 4
+    monkeypatch.setattr(resources, "available_bytes", lambda device: whole - 1)  # shards fit, the whole does not
+    with pytest.raises(UserError, match="before FSDP2 shards it"):
+        resources.check_training(cfg, "cuda", reference=False, world_size=8, sharded=True)

@@ -164,3 +164,46 @@ def test_two_concurrent_runs_into_one_directory(tmp_path):
     rows = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in line]
     steps = [int(r.split('"step": ')[1].split(",")[0]) for r in rows]
     assert steps and steps == sorted(set(steps))  # each step logged once, by the one run
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run / ".lock").symlink_to(victim)
+    assert pretrain(run, "train.max_steps=6") == 2
+    assert "lock file" in one_line_error(capsys)
+    assert victim.read_text() == "precious"
+
+
+def test_resume_with_overwrite_is_refused_before_anything_is_removed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run) == 0
+    before = tree_hash(run)
+    assert pretrain(run, "--resume", "--overwrite") == 2
+    assert "contradict" in one_line_error(capsys)
+    assert tree_hash(run) == before
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]"])
+def test_a_damaged_run_json_is_one_line(tmp_path, capsys, content):
+    run = tmp_path / "run"
+    assert pretrain(run) == 0
+    (run / "run.json").write_text(content)
+    assert pretrain(run, "train.max_steps=6") == 2
+    assert "run.json" in one_line_error(capsys)
+    assert pretrain(run, "--overwrite", "train.max_steps=6") == 0  # which --overwrite still recognises
+
+
+def test_a_refused_second_call_leaves_the_first_calls_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(run) == 0
+    run_dir_module.lock_run_dir(run)  # this process holds it, as a run in progress would
+    try:
+        assert pretrain(run, "train.max_steps=6") == 2
+        assert "already in use by this process" in one_line_error(capsys)
+        assert run_dir_module.holds_run_dir(run) and (run / ".lock").exists()
+    finally:
+        run_dir_module.release_run_dir(run)
+    assert not run_dir_module.holds_run_dir(run)

@@ -118,7 +118,7 @@ def verify_manifest(directory: Path, *, required: bool = False) -> None:
             raise UserError(f"{f}: missing (listed in {MANIFEST})")
         size = f.stat().st_size
         if size != meta.get("bytes"):
-            raise UserError(f"{f}: truncated or altered ({size} bytes, manifest says {meta['bytes']})")
+            raise UserError(f"{f}: truncated or altered ({size} bytes, manifest says {meta.get('bytes')!r})")
         if _sha256(f) != meta.get("sha256"):
             raise UserError(f"{f}: corrupted (sha256 differs from {MANIFEST})")
 
@@ -130,11 +130,16 @@ def refuse_symlinks(directory: Path) -> None:
             raise UserError(f"{p}: is a symbolic link; a checkpoint must hold its own files (copy the target in)")
 
 
-class atomic_dir:
-    """`with atomic_dir(final) as tmp:` write into tmp; on success tmp replaces `final` in one rename."""
+class WriteError(UserError):
+    """A checkpoint or export could not be written (disk full, read-only, ...); nothing was published."""
 
-    def __init__(self, final: str | Path):
-        self.final = Path(final)
+
+class atomic_dir:
+    """`with atomic_dir(final) as tmp:` write into tmp; on success tmp replaces `final` in one rename. A write
+    error (WRITE_ERRORS) becomes a one-line WriteError naming `final` and the cause, with tmp removed."""
+
+    def __init__(self, final: str | Path, what: str = "checkpoint"):
+        self.final, self.what = Path(final), what
         self.tmp = self.final.parent / f".{self.final.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
@@ -144,19 +149,29 @@ class atomic_dir:
             if foreign:
                 raise UserError(f"{self.final}: exists and holds {foreign[0]!r}, which no checkpoint holds; "
                                 f"refusing to replace it (choose another path)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise self._failed(e) from None
         return self.tmp
+
+    def _failed(self, e: Exception) -> WriteError:
+        return WriteError(f"could not write {self.what} {self.final} ({write_error_cause(e, self.final.parent)})")
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, WRITE_ERRORS):
+                raise self._failed(exc) from None
             return False
         try:
             write_manifest(self.tmp)
             _fsync_dir(self.tmp)
-        except BaseException:  # (a full disk can stop the manifest too: leave no temporary behind)
+        except BaseException as e:  # (a full disk can stop the manifest too: leave no temporary behind)
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(e, WRITE_ERRORS):
+                raise self._failed(e) from None
             raise
         if self.final.exists():  # replace: move the old one aside first, then drop it
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"

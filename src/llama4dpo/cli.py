@@ -59,8 +59,8 @@ def cmd_manifest(args) -> int:
     from .checkpoint import MANIFEST, refuse_symlinks, write_manifest
 
     path = Path(args.ckpt)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: not a checkpoint directory (no config.json)")
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise UserError(f"{path}: not a checkpoint directory (no config.json and model.safetensors)")
     refuse_symlinks(path)
     write_manifest(path)
     print(f"wrote {path / MANIFEST}: this checkpoint's files as they are now are trusted from here on")

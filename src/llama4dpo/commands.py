@@ -245,7 +245,7 @@ def _training_args(s: argparse.ArgumentParser, *, init: bool) -> None:
     if init:
         s.add_argument("--init", required=True, help="checkpoint (or run directory) to start from")
     s.add_argument("--resume", action="store_true", help="require resuming from the run directory's latest checkpoint")
-    s.add_argument("--overwrite", action="store_true", help="discard whatever is in --out")
+    s.add_argument("--overwrite", action="store_true", help="start over: remove this run's own files from --out (never anything else)")
     s.add_argument("--strict", action="store_true", help="the first bad data record is an error, not a counted skip")
     s.add_argument("--quiet", action="store_true", help="no progress bar or summaries")
     s.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.max_steps=200 dpo.beta=0.1")

@@ -185,6 +185,11 @@ def check_training(cfg: Config, device, *, reference: bool, command: str = "pret
     est = estimate_training(cfg, reference=reference, command=command, world_size=world_size, sharded=sharded)
     avail = available_bytes(device)
     per_host = world_size if _kind(device) == "cpu" else 1
+    whole = parameter_count(cfg.model) * FP32 * per_host
+    if sharded and avail is not None and whole > avail:  # each process builds the whole model, then FSDP2 shards it
+        raise UserError(f"{_model_settings(cfg.model)}: {parameter_count(cfg.model):,} parameters; each process "
+                        f"builds the whole model before FSDP2 shards it, {human(whole)}, {_where(device, avail)}; "
+                        f"choose a smaller model")
     total = sum(est.values()) * per_host
     if avail is None or total <= avail:
         return est

@@ -26,6 +26,7 @@ from ..checkpoint import atomic_dir, load_model, model_state_dict, read_json, sa
 from ..config import Config, ModelConfig, _coerce
 from ..errors import UserError
 from ..model import LlamaModel
+from ..resources import check_model
 
 # Our key -> transformers key. Everything but the LM head lives under the backbone `model.`.
 def to_hf_key(key: str) -> str:
@@ -120,7 +121,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     # load_model refuses a checkpoint holding any symlink: export would copy its target (a private key...) out
     model = load_model(ckpt)
     sd = {to_hf_key(k): v for k, v in model_state_dict(model).items()}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, what="export") as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
         if (Path(ckpt) / TOKENIZER).is_file():
@@ -136,12 +137,16 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
         raise UserError(f"{hf_dir}: no config.json (expected a transformers model directory)")
     config = _plain_file(hf_dir, "config.json")
     cfg = Config(model=model_config_from_hf(read_json(config), where=str(config)))
+    check_model(cfg.model, "cpu", str(config), copies=2)  # (before building it: a crafted size fails at once)
     model = LlamaModel(cfg.model)
     model.load_state_dict(_read_weights(hf_dir, model), strict=True)
     tokenizer = None
     if os.path.lexists(hf_dir / OUR_TOKENIZER):
         from ..tokenizer import load_tokenizer
         tokenizer = load_tokenizer(_plain_file(hf_dir, OUR_TOKENIZER))
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"{hf_dir / OUR_TOKENIZER}: {tokenizer.vocab_size} tokens, more than the model's "
+                            f"vocab_size {cfg.model.vocab_size}")
     return save_model(out_ckpt, model, cfg, tokenizer)
 
 

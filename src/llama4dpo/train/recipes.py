@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, save_model, write_error_cause
@@ -19,7 +20,7 @@ from ..resources import check_training
 from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
-from .run_dir import prepare_run_dir, release_run_dir
+from .run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from .trainer import Trainer, autocast, check_compile_mode, resolve_device
 
 
@@ -56,9 +57,8 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
     def write():
         try:
             final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
-        except WRITE_ERRORS as e:
-            raise UserError(f"could not write {out / 'final'} ({write_error_cause(e, out)}); stopped. "
-                            f"Last good checkpoint: {trainer.latest_checkpoint() or 'none'}") from None
+        except UserError as e:  # (a write error, or a NaN the checks before could not see)
+            raise UserError(f"{e}; stopped. Last good checkpoint: {trainer.latest_checkpoint()}") from None
         plot_run(out)
         return final
     final = trainer.dist.on_main(write)
@@ -70,13 +70,16 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
 
 
 def releases_run_dir(run):
-    """The run directory's lock (taken by prepare_run_dir) is released however the run ends."""
+    """The run directory's lock (taken by prepare_run_dir) is released however the run ends - by the call
+    that took it only (a second call refused for the same directory leaves the first one's lock alone)."""
     @functools.wraps(run)
     def wrapper(cfg: Config, data: str, out: str | Path, *args, **kwargs) -> Path:
+        held_before = holds_run_dir(Path(out))
         try:
             return run(cfg, data, out, *args, **kwargs)
         finally:
-            release_run_dir(Path(out))
+            if not held_before:
+                release_run_dir(Path(out))
     return wrapper
 
 
@@ -245,7 +248,8 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
     key = key.hexdigest()
     path = out / f"ref_logps_{split}.safetensors"
     dist = dist or Dist()
-    if dist.on_main(_cache_holds, path, key):  # every rank decides alike (they all read, or all compute)
+    cached = dist.on_main(_read_cache, path, key)  # every rank decides alike (they all read, or all compute)
+    if cached:
         with safe_open(str(path), "pt") as f:
             return f.get_tensor("sums"), f.get_tensor("counts")
     sums, counts = precompute_reference_logps(reference, batches, n, device)
@@ -254,14 +258,22 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
 
 
 def _write_cache(path: Path, tensors: dict, key: str) -> None:
+    """Written beside, then renamed: a full disk never leaves a truncated cache under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(path), metadata={"key": key})
+        save_file(tensors, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
     except WRITE_ERRORS as e:
+        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write {path} ({write_error_cause(e, path.parent)})") from None
 
 
-def _cache_holds(path: Path, key: str) -> bool:
+def _read_cache(path: Path, key: str) -> bool:
+    """Whether the cache holds this key (an unreadable cache is a miss: it is computed and written anew)."""
     if not path.is_file():
         return False
-    with safe_open(str(path), "pt") as f:
-        return f.metadata().get("key") == key
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("key") == key
+    except (SafetensorError, OSError):
+        return False

@@ -13,13 +13,16 @@ lock, so a second run into the same directory is refused; the lock dies with its
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 
+from ..checkpoint import read_json
 from ..config import Config
 from ..errors import UserError
 from .state import checkpoint_dirs, latest_good_checkpoint
@@ -59,6 +62,8 @@ def prepare_run_dir(out: Path, cfg: Config, *, overwrite: bool = False, resume: 
     The lock is held until `release_run_dir(out)` or the end of the process."""
     out = Path(out)
     inputs = {k: str(v) if v is not None else None for k, v in (inputs or {}).items()}
+    if overwrite and resume:
+        raise UserError("--resume and --overwrite contradict each other: pass one")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if overwrite:
@@ -81,15 +86,20 @@ def prepare_run_dir(out: Path, cfg: Config, *, overwrite: bool = False, resume: 
 
 
 def is_run_dir(path: Path) -> bool:
-    """config.json with a run's own files beside it (a model checkpoint, with its weights there, is not a run)."""
-    return ((path / "config.json").is_file() and not (path / "model.safetensors").exists()
-            and any((path / name).exists() for name in ("run.json", "metrics.jsonl", "checkpoints")))
+    """run.json (written first), or config.json with a run's files beside it; a model checkpoint, its weights
+    beside its config.json, is not a run."""
+    if (path / "model.safetensors").exists():
+        return False
+    return (path / "run.json").is_file() or ((path / "config.json").is_file() and any(
+        (path / name).exists() for name in ("metrics.jsonl", "checkpoints")))
 
 
 def _fresh_or_resume(out: Path, cfg: Config, resume: bool, inputs: dict) -> Path | None:
-    if is_run_dir(out):
+    if is_run_dir(out) and (out / "config.json").is_file():
         diff = config_difference(Config.load_json(out / "config.json"), cfg)
-        recorded = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else inputs
+        recorded = read_json(out / "run.json") if (out / "run.json").is_file() else inputs
+        if not isinstance(recorded, dict):
+            raise UserError(f"{out / 'run.json'}: damaged (not a JSON object); --overwrite starts the run over")
         for key in sorted(set(recorded) | set(inputs)):
             if recorded.get(key) != inputs.get(key):
                 diff = diff or f"{key}: {recorded.get(key)!r} in the run, {inputs.get(key)!r} now"
@@ -101,11 +111,15 @@ def _fresh_or_resume(out: Path, cfg: Config, resume: bool, inputs: dict) -> Path
         if resume:
             raise UserError(f"{out}: no checkpoint to resume from yet")
         remove_run_files(out)  # same config but nothing saved yet: start over cleanly
+    elif is_run_dir(out):  # a run stopped before it wrote its config: nothing of it to keep
+        if resume:
+            raise UserError(f"{out}: no checkpoint to resume from yet")
+        remove_run_files(out)
     elif resume:
         raise UserError(f"{out}: nothing to resume (no run directory)")
-    try:
-        cfg.save_json(out / "config.json")
+    try:  # run.json first: it marks the folder as a run's from the first byte on
         (out / "run.json").write_text(json.dumps(inputs, indent=1) + "\n")
+        cfg.save_json(out / "config.json")
     except OSError as e:
         raise UserError(f"{out}: cannot write the run's files ({e.strerror or e})") from None
     return None
@@ -124,7 +138,8 @@ def check_overwrite(out: Path, inputs: dict) -> None:
         raise UserError(f"--overwrite refuses --out {out}: it is the working folder or one of its parents")
     for key in ("data", "init", "ref"):
         given = inputs.get(key)  # (a path that exists; not a hub name or builtin:)
-        if given and Path(given).exists() and (Path(given).resolve() == target or target in Path(given).resolve().parents):
+        where = Path(given).resolve() if given and Path(given).exists() else None
+        if where is not None and (where == target or target in where.parents):
             raise UserError(f"--overwrite refuses --out {out}: it holds --{key} {given}")
     if target.is_dir() and _entries(target) and not is_run_dir(target):
         raise UserError(f"--overwrite refuses --out {out}: it holds no llama4dpo run, so nothing in it is ours "
@@ -132,7 +147,7 @@ def check_overwrite(out: Path, inputs: dict) -> None:
 
 
 def remove_run_files(out: Path) -> None:
-    """Delete what a run writes (RUN_ENTRIES, reference caches, stale temporaries); leave everything else."""
+    """Delete what a run writes (RUN_ENTRIES and reference caches); leave everything else."""
     for p in out.iterdir():
         if p.name in RUN_ENTRIES or (p.name.startswith("ref_logps_") and p.suffix == ".safetensors"):
             if p.is_dir() and not p.is_symlink():
@@ -156,23 +171,34 @@ def lock_run_dir(out: Path) -> None:
     if key in _held:
         raise UserError(f"{out}: already in use by this process")
     path = out / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # (never through a symbolic link: the pid written below would overwrite its target)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise UserError(f"{path}: cannot create the run's lock file ({e.strerror or e})") from None
+        why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror or e
+        raise UserError(f"{path}: cannot open the run's lock file ({why})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: the run's lock file is not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
-        raise UserError(f"{out}: another run is using this directory ({holder}); wait for it to finish or "
-                        f"choose another --out") from None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise UserError(f"{out}: another run is using this directory ({holder}); wait for it to finish or "
+                            f"choose another --out") from None
+        raise UserError(f"{path}: cannot lock the run directory ({e.strerror}); this file system may not "
+                        f"support locks") from None
     if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:  # released and unlinked meanwhile
         os.close(fd)
         return lock_run_dir(out)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     _held[key] = fd
+
+
+def holds_run_dir(out: Path) -> bool:
+    return Path(out).resolve() in _held
 
 
 def release_run_dir(out: Path) -> None:

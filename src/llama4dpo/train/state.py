@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (WEIGHTS, WRITE_ERRORS, atomic_dir, check_finite, read_weights, verify_manifest,
-                          write_error_cause, write_model_files)
+from ..checkpoint import (WEIGHTS, WriteError, atomic_dir, check_finite, read_weights, verify_manifest,
+                          write_model_files)
 from ..errors import UserError
 from ..faults import fault_point
 
@@ -37,7 +37,8 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
-             if STEP_DIR.fullmatch(p.name) and p.is_dir() and (p / "trainer_state.json").is_file()]
+             if STEP_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+             and (p / "trainer_state.json").is_file()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -56,9 +57,8 @@ def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict,
             torch.save({"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
             fault_point("save", step)
-    except WRITE_ERRORS as e:  # disk full, quota, read-only: the previous checkpoints are untouched
-        raise UserError(f"could not write checkpoint {final} ({write_error_cause(e, final.parent)}); stopped. "
-                        f"Last good checkpoint: {last_checkpoint(run_dir)}") from None
+    except WriteError as e:  # disk full, quota, read-only: the previous checkpoints are untouched
+        raise UserError(f"{e}; stopped. Last good checkpoint: {last_checkpoint(run_dir)}") from None
     except UserError as e:  # non-finite values: nothing was written
         raise UserError(f"{e}; checkpoint {final.name} not written. Last good checkpoint: "
                         f"{last_checkpoint(run_dir)}") from None
@@ -68,8 +68,14 @@ def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict,
 
 
 def last_checkpoint(run_dir: Path) -> Path | str:
-    found = checkpoint_dirs(run_dir)
-    return found[-1] if found else "none"
+    """The newest checkpoint that verifies against its manifest, for error messages ("none" if there is none)."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_manifest(path, required=True)
+            return path
+        except UserError:
+            continue
+    return "none"
 
 
 def flat_tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -111,10 +117,10 @@ def load_training_checkpoint(path: Path, model, optimizer, dist) -> dict:
         raise UserError(f"{path}: cannot load training state ({first})") from None
     check_loop_state(path, state)
     check_rng_state(path, blob)
-    check_optimizer_state(path, model, optimizer, blob["optimizer"])
+    optim = check_optimizer_state(path, model, optimizer, blob["optimizer"], state["step"])
     dist.load_model_state(model, weights)
     try:
-        dist.load_optimizer_state(model, optimizer, blob["optimizer"])
+        dist.load_optimizer_state(model, optimizer, optim)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise UserError(f"{path}: optimizer state does not fit this model ({type(e).__name__}: {e})") from None
     torch.set_rng_state(blob["rng_cpu"])
@@ -139,13 +145,16 @@ def check_rng_state(path: Path, blob) -> None:
     like = torch.get_rng_state()
     if not isinstance(blob, dict) or "optimizer" not in blob:
         raise UserError(f"{path}: optimizer.pt is not a training state (expected 'optimizer' and 'rng_cpu')")
-    if not torch.is_tensor(rng) or rng.dtype != like.dtype or rng.shape != like.shape:
+    if not torch.is_tensor(rng) or rng.dtype != like.dtype or rng.shape != like.shape or not rng.is_contiguous():
         raise UserError(f"{path}: optimizer.pt holds no valid CPU random state ('rng_cpu')")
 
 
-def check_optimizer_state(path: Path, model, optimizer, named) -> None:
-    """Structure, names, shapes, dtypes and finiteness against the model's parameters, before the optimizer
-    (whose fused kernels write without bounds checks) ever sees them."""
+def check_optimizer_state(path: Path, model, optimizer, named, step: int) -> dict:
+    """AdamW state checked against the model's parameters before the optimizer, whose fused kernels write
+    without bounds checks, ever sees it: names, the exact entries per parameter, shapes, dtypes, contiguous
+    memory (an expanded tensor has the shape but not the bytes), finite values, a whole step count no later
+    than the checkpoint's. Returns it with the live optimizer's hyperparameters (the run's config, which a
+    resume may not change: see run_dir), so nothing in the file but moments, counts and names is used."""
     def bad(why: str):
         raise UserError(f"{path / 'optimizer.pt'}: {why}")
 
@@ -153,28 +162,35 @@ def check_optimizer_state(path: Path, model, optimizer, named) -> None:
             and isinstance(named.get("param_groups"), list)):
         bad("not an optimizer state (expected 'state' and 'param_groups')")
     params = {id(p): n for n, p in model.named_parameters()}
-    groups = [[params[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+    live = [[params[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
     saved = named["param_groups"]
-    if len(saved) != len(groups) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
-                                        or sorted(map(str, g["params"])) != sorted(names)
-                                        for g, names in zip(saved, groups)):
+    if len(saved) != len(live) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
+                                      or sorted(map(str, g["params"])) != sorted(names)
+                                      for g, names in zip(saved, live)):
         bad("its parameter groups do not name this model's parameters")
-    for g in saved:
-        for key in ("lr", "eps", "weight_decay"):
-            if key in g and not _finite_number(g[key]):
-                bad(f"parameter group setting {key}={g[key]!r}")
+    entries = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if optimizer.defaults.get("amsgrad") else set())
     for name, entry in named["state"].items():
         if name not in shapes or not isinstance(entry, dict):
             bad(f"state for {name!r}, which is not a trained parameter of this model")
+        if set(entry) != entries:
+            bad(f"state of {name} holds {sorted(map(str, entry))}, AdamW keeps {sorted(entries)}")
         for key, value in entry.items():
             if not torch.is_tensor(value) or not value.is_floating_point():
                 bad(f"{name}.{key} is not a floating-point tensor")
             want = torch.Size([]) if key == "step" else shapes[name]
             if value.shape != want:
                 bad(f"{name}.{key} has shape {tuple(value.shape)}, the parameter needs {tuple(want)}")
-            if not bool(torch.isfinite(value).all()) or (key == "step" and float(value) < 0):
-                bad(f"{name}.{key} holds NaN, inf or a negative step")
+            if not value.is_contiguous():
+                bad(f"{name}.{key} is not a contiguous tensor")
+            if not bool(torch.isfinite(value).all()):
+                bad(f"{name}.{key} holds NaN or inf")
+        count = float(entry["step"])
+        if count != int(count) or not 0 <= count <= step:
+            bad(f"{name}.step is {count}, not a whole number of updates up to the checkpoint's step {step}")
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(s["params"])}
+              for g, s in zip(optimizer.param_groups, saved)]
+    return {"state": named["state"], "param_groups": groups}
 
 
 def _finite_number(x) -> bool:

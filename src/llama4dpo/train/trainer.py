@@ -23,7 +23,7 @@ from ..faults import fault_point
 from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
 from .objectives import read_values, sequence_tokens
-from .state import checkpoint_dirs, load_training_checkpoint, save_training_checkpoint
+from .state import last_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 
 class TrainingDiverged(UserError):
@@ -133,9 +133,9 @@ class Trainer:
             print(f"resumed from {checkpoint} at step {self.step}")
         self.dist.barrier()
 
-    def latest_checkpoint(self) -> Path | None:
-        found = checkpoint_dirs(self.run_dir)
-        return found[-1] if found else None
+    def latest_checkpoint(self) -> Path | str:
+        """The newest checkpoint that verifies ("none" if none does): what error messages name as last good."""
+        return last_checkpoint(self.run_dir)
 
     def save(self) -> Path:
         """Every rank gathers the full state (FSDP2 needs all of them); rank 0 writes it."""
@@ -199,7 +199,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"non-finite {'loss' if not math.isfinite(mean_loss) else 'gradient norm'} at step {self.step + 1}"
                 + (f" (examples {sum(where, [])[:16]})" if where else "")
-                + f"; stopped without updating. Last good checkpoint: {last or 'none'}. Try a lower train.lr.")
+                + f"; stopped without updating. Last good checkpoint: {last}. Try a lower train.lr.")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._weights = weights_sum(model)  # (no device read here: the next read takes it along)
@@ -216,7 +216,7 @@ class Trainer:
         if not math.isfinite(total):
             raise TrainingDiverged(
                 f"non-finite weights after step {self.step}: the update overflowed; "
-                f"stopped, nothing written. Last good checkpoint: {self.latest_checkpoint() or 'none'}. "
+                f"stopped, nothing written. Last good checkpoint: {self.latest_checkpoint()}. "
                 f"Try a lower train.lr.")
 
     def _batches(self, step: int) -> list[dict]:
@@ -249,7 +249,7 @@ class Trainer:
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(f"non-finite {bad[0]} at step {self.step}; stopped. Last good checkpoint: "
-                                   f"{self.latest_checkpoint() or 'none'}. Try a lower train.lr.")
+                                   f"{self.latest_checkpoint()}. Try a lower train.lr.")
         return means
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Trainer:
                     raise UserError(
                         f"out of memory at step {self.step + 1} on {self.device}: lower train.batch_size (or raise "
                         f"train.grad_accum_steps), data.max_length / data.block_size, or use train.precision=bf16; "
-                        f"last good checkpoint: {self.latest_checkpoint() or 'none'}") from None
+                        f"last good checkpoint: {self.latest_checkpoint()}") from None
                 fault_point("step", self.step)
                 window_tokens += out.pop("tokens")
                 for k, v in out.items():
