@@ -29,9 +29,10 @@ def test_an_exploding_update_publishes_no_final_model(tmp_path, capsys):
     assert not (run / "final").exists() and not checkpoint_dirs(run)
 
 
-def test_with_save_every_step_every_checkpoint_on_disk_is_finite(tmp_path, capsys):
+@pytest.mark.parametrize("lr", [["train.lr=1e39", "train.warmup_steps=0"], ["train.lr=1e9", "train.warmup_steps=2"]])
+def test_with_save_every_step_every_checkpoint_on_disk_is_finite(tmp_path, capsys, lr):
     run = tmp_path / "run"
-    assert pretrain(run, "train.lr=1e9", "train.warmup_steps=2", "train.max_steps=6", "train.save_every=1") == 2
+    assert pretrain(run, *lr, "train.max_steps=6", "train.save_every=1") == 2
     err = one_line_error(capsys)
     assert "non-finite" in err
     saved = checkpoint_dirs(run)
