@@ -67,6 +67,11 @@ class ModelConfig:
     initializer_range: float = 0.02
     max_position_embeddings: int = 1024      # context length used by data preparation and generation
     router_aux_loss_coef: float = 0.0        # Switch-style load-balancing term; 0 keeps parity with transformers
+    # "llama4", or "llama": a dense Llama (transformers' LlamaForCausalLM), exported as one - which needs every layer
+    # dense and RoPE, without chunked attention, qk-norm or temperature tuning (checked in validate)
+    family: str = "llama4"
+    source: str | None = None                # where the weights came from: None if initialised here, else what
+                                             # import-hf read ("LlamaForCausalLM from /path/to/folder")
 
     # ---- derived values ---------------------------------------------------------------------------
     @property
@@ -153,6 +158,21 @@ class ModelConfig:
             v = getattr(self, key)
             if v is not None and not 0 <= v < self.vocab_size:
                 bad(key, f"must lie in [0, vocab_size={self.vocab_size}), got {v}")
+        if self.family not in ("llama4", "llama"):
+            bad("family", f"must be 'llama4' or 'llama', got {self.family!r:.60}")
+        if self.family == "llama":
+            for key, ok, needed in self._dense_llama_checks():
+                if not ok:
+                    bad(key, f"family 'llama' (a dense Llama) needs {needed}, got {getattr(self, key)!r:.80}")
+
+    def _dense_llama_checks(self) -> list[tuple[str, bool, str]]:
+        """(field, whether it fits, what fits) for each Llama 4 feature that LlamaForCausalLM lacks."""
+        all_rope = bool(self.no_rope_layers) and all(self.no_rope_layers)  # (only a list of 1s rules NoPE out)
+        return [("moe_layers", self.moe_layers == [], "[] (no MoE layer)"),
+                ("no_rope_layers", all_rope, "a 1 (RoPE) for every layer"),
+                ("attention_chunk_size", self.attention_chunk_size is None, "none (full causal attention)"),
+                ("use_qk_norm", not self.use_qk_norm, "false"),
+                ("attn_temperature_tuning", not self.attn_temperature_tuning, "false")]
 
 
 @dataclass

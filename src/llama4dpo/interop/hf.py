@@ -1,4 +1,5 @@
-"""Export to / import from transformers' Llama4ForCausalLM directory format (config.json + safetensors).
+"""Export to / import from transformers' Llama4ForCausalLM directory format (config.json + safetensors), and
+LlamaForCausalLM's for a dense Llama (checkpoints of family "llama"; its mapping is in `llama.py`).
 
 Our module names are transformers' without the `model.` prefix of the CausalLM wrapper, and the experts
 use the same fused (E, D, 2I) / (E, I, D) layout, so conversion is the key table below - no reshaping.
@@ -24,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_dir, load_model, model_state_dict, read_json, save_model, TOKENIZER
 from ..config import Config, ModelConfig, _coerce
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..model import LlamaModel
 from ..resources import check_model
+from . import llama
 
 # Our key -> transformers key. Everything but the LM head lives under the backbone `model.`.
 def to_hf_key(key: str) -> str:
@@ -71,24 +73,28 @@ def hf_config_dict(m: ModelConfig) -> dict:
     return d
 
 
+LLAMA4_TYPES = (None, "llama4_text", "llama4")  # (None: configs written before transformers named it)
+
+
 def model_config_from_hf(d, where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig from a transformers config.json; a bad value is a UserError naming `where` and the key."""
+    """Our ModelConfig from a transformers config.json, Llama 4's or a dense Llama's; a bad value is a UserError
+    naming `where` and the key."""
     def bad(why) -> typing.NoReturn:
         raise UserError(f"{where}: {why}")
 
     if not isinstance(d, dict):
         bad(f"expected a JSON object, got {type(d).__name__}")
-    d = d.get("text_config", d)  # the multimodal Llama4Config nests the text model's config
+    if d.get("model_type") != "llama":
+        d = d.get("text_config", d)  # the multimodal Llama4Config nests the text model's config
     if not isinstance(d, dict):
         bad(f"text_config: expected a JSON object, got {type(d).__name__}")
-    if d.get("model_type") not in (None, "llama4_text", "llama4"):
-        bad(f"not a Llama 4 text config (model_type={d.get('model_type')!r:.60})")
-    kw = {k: d[k] for k in SAME_FIELDS if k in d and k != "router_aux_loss_coef"}
-    kw["attn_temperature_tuning"] = bool(d.get("attn_temperature_tuning", True))
-    for k in ("num_key_value_heads", "intermediate_size", "intermediate_size_mlp", "moe_layers", "no_rope_layers"):
-        if d.get(k) is not None:
-            kw[k] = d[k]
-    kw["head_dim"] = d.get("head_dim", 128)  # transformers' default is 128, not hidden/heads
+    if d.get("model_type") == "llama":
+        kw, default_theta = llama.config_kwargs(d, bad), llama.DEFAULT_ROPE_THETA
+    elif d.get("model_type") in LLAMA4_TYPES:
+        kw, default_theta = _llama4_kwargs(d), 500000.0
+    else:
+        bad(f"model_type {d.get('model_type')!r:.60} (architectures {d.get('architectures')!r:.80}) is not "
+            f"supported; import-hf reads llama4_text / llama4 (Llama4ForCausalLM) and llama (LlamaForCausalLM)")
     for k in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids may be lists in hub configs
         if isinstance(kw.get(k), list):
             kw[k] = kw[k][0] if kw[k] else None
@@ -96,7 +102,7 @@ def model_config_from_hf(d, where: str = "config.json") -> ModelConfig:
     rope = d.get(rope_key) or {}
     if not isinstance(rope, dict):
         bad(f"{rope_key}: expected a JSON object or null, got {rope!r:.60}")
-    kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 500000.0))
+    kw["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", default_theta))  # (transformers 5 nests it)
     kw["rope_type"] = rope.get("rope_type", rope.get("type", "default"))  # validate() refuses all but default, llama3
     names = {k: k for k in kw}  # our field -> its name in config.json, for error messages
     names["rope_type"] = f"{rope_key}.rope_type"
@@ -107,12 +113,25 @@ def model_config_from_hf(d, where: str = "config.json") -> ModelConfig:
         # each value checked against ModelConfig's annotation (ConfigError naming the key), then the usual checks
         hints = typing.get_type_hints(ModelConfig)
         cfg = ModelConfig(**{k: _coerce(v, hints[k], names[k]) for k, v in kw.items()})
+        if cfg.family == "llama":
+            cfg = llama.with_rope_everywhere(cfg, where)  # (a memory error there names `where` itself)
         cfg.validate()
-    except UserError as e:  # ConfigError included
+    except ConfigError as e:
         bad(e)
     except (TypeError, ValueError, OverflowError) as e:
         bad(f"unusable config ({type(e).__name__}: {e})")
     return cfg
+
+
+def _llama4_kwargs(d: dict) -> dict:
+    """ModelConfig keyword arguments, values still unchecked, from a Llama4TextConfig's config.json, bar RoPE."""
+    kw = {k: d[k] for k in SAME_FIELDS if k in d and k != "router_aux_loss_coef"}
+    kw["attn_temperature_tuning"] = bool(d.get("attn_temperature_tuning", True))
+    for k in ("num_key_value_heads", "intermediate_size", "intermediate_size_mlp", "moe_layers", "no_rope_layers"):
+        if d.get(k) is not None:
+            kw[k] = d[k]
+    kw["head_dim"] = d.get("head_dim", 128)  # transformers' default is 128, not hidden/heads
+    return kw
 
 
 # ---- export -----------------------------------------------------------------------------------------------------
@@ -120,10 +139,13 @@ def model_config_from_hf(d, where: str = "config.json") -> ModelConfig:
 def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     # load_model refuses a checkpoint holding any symlink: export would copy its target (a private key...) out
     model = load_model(ckpt)
-    sd = {to_hf_key(k): v for k, v in model_state_dict(model).items()}
+    if model.cfg.family == "llama":
+        sd, config = llama.hf_state_dict(model_state_dict(model), model.cfg), llama.hf_config_dict(model.cfg)
+    else:
+        sd, config = {to_hf_key(k): v for k, v in model_state_dict(model).items()}, hf_config_dict(model.cfg)
     with atomic_dir(out_dir, what="export") as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if (Path(ckpt) / TOKENIZER).is_file():
             shutil.copyfile(Path(ckpt) / TOKENIZER, tmp / OUR_TOKENIZER)
     return Path(out_dir)
@@ -136,10 +158,16 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
     if not os.path.lexists(hf_dir / "config.json"):
         raise UserError(f"{hf_dir}: no config.json (expected a transformers model directory)")
     config = _plain_file(hf_dir, "config.json")
-    cfg = Config(model=model_config_from_hf(read_json(config), where=str(config)))
+    d = read_json(config)
+    cfg = Config(model=model_config_from_hf(d, where=str(config)))
     check_model(cfg.model, "cpu", str(config), copies=2)  # (before building it: a crafted size fails at once)
+    cfg.model.source = f"{_architecture(d, cfg.model)} from {hf_dir.resolve()}"
     model = LlamaModel(cfg.model)
-    model.load_state_dict(_read_weights(hf_dir, model), strict=True)
+    if cfg.model.family == "llama":
+        sd = llama.from_hf_order(_read_weights(hf_dir, model, llama.from_hf_key, llama.ignored), cfg.model)
+    else:
+        sd = _read_weights(hf_dir, model, from_hf_key, lambda key: False)
+    model.load_state_dict(sd, strict=True)
     tokenizer = None
     if os.path.lexists(hf_dir / OUR_TOKENIZER):
         from ..tokenizer import load_tokenizer
@@ -150,9 +178,18 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
     return save_model(out_ckpt, model, cfg, tokenizer)
 
 
-def _read_weights(hf_dir: Path, model: LlamaModel) -> dict[str, torch.Tensor]:
-    """All shards' tensors under our names, as float32, each checked: a known name, the config's shape,
-    floating point and finite. Errors name the shard and transformers' tensor name."""
+def _architecture(d: dict, m: ModelConfig) -> str:
+    """The class config.json names (Llama4ForConditionalGeneration...), else the family's own."""
+    names = d.get("architectures")
+    if isinstance(names, list) and names and isinstance(names[0], str):
+        return names[0][:80]
+    return llama.ARCHITECTURE if m.family == "llama" else "Llama4ForCausalLM"
+
+
+def _read_weights(hf_dir: Path, model: LlamaModel, rename, ignored) -> dict[str, torch.Tensor]:
+    """All shards' tensors under our names (`rename` of transformers' names; `ignored(name)` ones dropped), as
+    float32, each checked: a known name, the config's shape, floating point and finite. Errors name the shard
+    and transformers' tensor name."""
     ours = model.state_dict()
     sd, origin = {}, {}  # our key -> tensor, and -> "shard: their key" for messages
     for f in _weight_files(hf_dir):
@@ -161,9 +198,9 @@ def _read_weights(hf_dir: Path, model: LlamaModel) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:  # truncated, not safetensors, unknown dtype
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
         for k, v in tensors.items():
-            key = from_hf_key(k)
-            if key not in ours and key.startswith(("vision", "multi_modal")):
-                continue  # the multimodal checkpoint's image tower
+            key = rename(k)
+            if ignored(k) or (key not in ours and key.startswith(("vision", "multi_modal"))):
+                continue  # an old conversion's rotary buffer, or the multimodal checkpoint's image tower
             if key in sd:
                 raise UserError(f"{f}: {k} is also in {origin[key]}")
             sd[key], origin[key] = v, f"{f}: {k}"
@@ -181,6 +218,11 @@ def _read_weights(hf_dir: Path, model: LlamaModel) -> dict[str, torch.Tensor]:
         sd[k] = v = v.to(torch.float32)
         if not torch.isfinite(v).all():
             raise UserError(f"{origin[k]} has non-finite values (NaN or inf)")
+    if model.cfg.tie_word_embeddings and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
+        # one shared parameter cannot hold both (loaded into it, the head would silently replace the embedding);
+        # transformers unties them
+        raise UserError(f"{origin['lm_head.weight']} is not the embedding, yet config.json ties the two "
+                        f"(tie_word_embeddings: true); set it to false to import both")
     return sd
 
 
