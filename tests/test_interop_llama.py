@@ -192,3 +192,26 @@ def test_configs_without_family_or_source_load_as_llama4():
 def test_family_llama_needs_a_dense_llama(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config.load("tiny", overrides)
+
+
+def test_export_tokenizer_loads_with_autotokenizer_and_import_reads_the_models_own(tmp_path):
+    """Our checkpoint's tokenizer exports for AutoTokenizer (same ids), and a transformers directory's own
+    tokenizer.json comes back in as an HF tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llama4dpo.checkpoint import load_tokenizer
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny", "--data", "builtin:assistant", "--quiet", "--out", str(run),
+                 "train.max_steps=1"]) == 0
+    assert main(["export-hf", str(run / "final"), str(tmp_path / "hf")]) == 0
+    ours = load_tokenizer(run / "final")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in ["What is 2 + 3?", "hello  world\n", "unseen ☃ chars"]:
+        assert theirs(text)["input_ids"] == ours.encode(text, bos=True)
+    (tmp_path / "hf" / "llama4dpo_tokenizer.json").unlink()  # as a model from elsewhere: only HF's files
+    (tmp_path / "hf" / "manifest.json").unlink()
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_tokenizer(tmp_path / "back")
+    assert type(back).__name__ == "HFTokenizer"
+    assert back.encode("What is 2 + 3?", bos=True) == theirs("What is 2 + 3?")["input_ids"]

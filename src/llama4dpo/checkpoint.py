@@ -27,7 +27,8 @@ from .resources import check_model
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
 # Every file a checkpoint or an export holds: atomic_dir replaces a directory holding nothing else.
-MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json"}
+MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"}
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a full disk or a read-only folder raises
 
 

@@ -23,11 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_dir, load_model, model_state_dict, read_json, save_model, TOKENIZER
+from ..checkpoint import (TOKENIZER, atomic_dir, load_model, load_tokenizer, model_state_dict, read_json,
+                          save_model)
 from ..config import Config, ModelConfig, _coerce
 from ..errors import ConfigError, UserError
 from ..model import LlamaModel
 from ..resources import check_model
+from ..tokenizer import HFTokenizer, save_for_transformers
 from . import llama
 
 # Our key -> transformers key. Everything but the LM head lives under the backbone `model.`.
@@ -48,6 +50,7 @@ SAME_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "bos_token_id", "eos_token_id", "initializer_range", "max_position_embeddings",
                "router_aux_loss_coef"]
 OUR_TOKENIZER = "llama4dpo_tokenizer.json"  # beside the HF files; HF's own tokenizer.json is another format
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 INDEX = "model.safetensors.index.json"        # a sharded checkpoint's {"weight_map": {tensor: shard file}}
 # Our llama3 RoPE fields -> (name in config.json's rope_scaling, transformers' default; None: required).
 LLAMA3_ROPE = {"rope_factor": ("factor", None), "rope_low_freq_factor": ("low_freq_factor", 1.0),
@@ -146,8 +149,9 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir, what="export") as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if (Path(ckpt) / TOKENIZER).is_file():
+        if (Path(ckpt) / TOKENIZER).is_file():  # ours (exact round trip) and transformers' (AutoTokenizer)
             shutil.copyfile(Path(ckpt) / TOKENIZER, tmp / OUR_TOKENIZER)
+            save_for_transformers(load_tokenizer(ckpt), tmp, model_max_length=model.cfg.max_position_embeddings)
     return Path(out_dir)
 
 
@@ -170,11 +174,16 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
     model.load_state_dict(sd, strict=True)
     tokenizer = None
     if os.path.lexists(hf_dir / OUR_TOKENIZER):
-        from ..tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(_plain_file(hf_dir, OUR_TOKENIZER))
-        if tokenizer.vocab_size > cfg.model.vocab_size:
-            raise UserError(f"{hf_dir / OUR_TOKENIZER}: {tokenizer.vocab_size} tokens, more than the model's "
-                            f"vocab_size {cfg.model.vocab_size}")
+        from ..tokenizer import load_tokenizer as load_tokenizer_file
+        tokenizer = load_tokenizer_file(_plain_file(hf_dir, OUR_TOKENIZER))
+    elif os.path.lexists(hf_dir / "tokenizer.json"):  # the model's own: tokenizer.json + its config files
+        for name in HF_TOKENIZER_FILES:
+            if os.path.lexists(hf_dir / name):
+                _plain_file(hf_dir, name)
+        tokenizer = HFTokenizer.from_pretrained_dir(hf_dir)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"{hf_dir}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                        f"vocab_size {cfg.model.vocab_size}")
     return save_model(out_ckpt, model, cfg, tokenizer)
 
 
