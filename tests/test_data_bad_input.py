@@ -11,7 +11,7 @@ from llama4dpo.errors import UserError
 from llama4dpo.tokenizer import CharTokenizer
 
 CFG = DataConfig(eval_fraction=0.0, max_length=40, max_prompt_length=20)
-LONG = "x" * 60  # longer than max_length=40 with any tokenizer that has one token per character
+LONG = "x" * 60  # longer than max_length=40 with any tokenizer that has one token per character: truncated, kept
 
 EXPLICIT_LINES = [
     '{"prompt": "Hi", "chosen": " Hello.", "rejected": " Go."}',          # 1 valid
@@ -22,7 +22,7 @@ EXPLICIT_LINES = [
     '{"prompt": "Hi", "chosen": " Hello.", "rejected": 5}',                # 6 non_string_field
     '{"prompt": "Hi", "chosen": " Same.", "rejected": " Same."}',          # 7 identical_responses
     '',                                                                    # 8 blank: not a record
-    '{"prompt": "' + LONG + '", "chosen": " a", "rejected": " b"}',        # 9 prompt_too_long
+    '{"prompt": "' + LONG + '", "chosen": " a", "rejected": " b"}',        # 9 valid (prompt keeps its end)
     '[1, 2]',                                                              # 10 malformed_json (no object)
     '{"prompt": "Hi", "chosen": "   ", "rejected": " Go."}',               # 11 empty_field
     '{"prompt": "Hi", "chosen": " \\ufb01ne", "rejected": " fine"}',       # 12 identical after NFKC
@@ -30,8 +30,8 @@ EXPLICIT_LINES = [
     '{"prompt": ["Hi"], "chosen": " a", "rejected": " b"}',                # 14 non_string_field
 ]
 EXPECTED = {"malformed_json": [2, 10], "missing_field": [3], "null_field": [4], "empty_field": [5, 11],
-            "non_string_field": [6, 14], "identical_responses": [7, 12], "prompt_too_long": [9]}
-VALID = [("Hi", " Hello.", " Go."), ("Yo", " Hey.", " Bah.")]
+            "non_string_field": [6, 14], "identical_responses": [7, 12]}
+VALID = [("Hi", " Hello.", " Go."), ("x" * 19, " a", " b"), ("Yo", " Hey.", " Bah.")]  # bos + 19 = max_prompt_length
 
 HH = "\n\nHuman: Hi\n\nAssistant:"
 HH_RECORDS = [
@@ -77,12 +77,13 @@ def test_every_bad_explicit_record_is_counted(tmp_path):
     report = data.report
     assert {r: report.first[r] for r in report.skipped} == EXPECTED
     assert dict(report.skipped) == {r: len(v) for r, v in EXPECTED.items()}
-    assert report.records == 13 and report.n_train == 2
+    assert report.records == 13 and report.n_train == 3
     kept = [(tok.decode(ex["prompt_ids"]), tok.decode(ex["chosen_ids"]), tok.decode(ex["rejected_ids"]))
             for ex in data.train]
     assert kept == VALID  # nothing valid is lost
     summary = report.summary()
-    assert "skipped 2 malformed_json (lines 2, 10)" in summary and "1 prompt_too_long (lines 9)" in summary
+    assert "skipped 2 malformed_json (lines 2, 10)" in summary and "prompt_too_long" not in summary
+    assert report.truncated_prompts == 1 and ": 1 prompts," in summary
     collate_preference(list(data.train), tok.pad_id)  # and the survivors batch fine
 
 
@@ -122,7 +123,6 @@ def test_csv_line_numbers_count_multiline_cells_and_short_rows(tmp_path):
 
 @pytest.mark.parametrize("lines, needle", [
     (EXPLICIT_LINES, "line 2: malformed_json"),
-    (EXPLICIT_LINES[:1] + EXPLICIT_LINES[8:9], "line 2: prompt_too_long"),
 ])
 def test_strict_mode_is_a_one_line_error(tmp_path, lines, needle):
     path = write_lines(tmp_path, lines)
@@ -132,6 +132,14 @@ def test_strict_mode_is_a_one_line_error(tmp_path, lines, needle):
     assert "\n" not in str(e.value) and needle in str(e.value)
     with pytest.raises(UserError, match=needle):  # the keyword wins over the config
         load_preference_data(path, CFG, tok, strict=True)
+
+
+def test_strict_mode_keeps_a_long_prompt_truncated(tmp_path):
+    """A prompt longer than max_length is no bad record: even strict mode keeps it, truncated to its end."""
+    path = write_lines(tmp_path, EXPLICIT_LINES[:1] + EXPLICIT_LINES[8:9])
+    tok = char_tokenizer(path, DataConfig())
+    data = load_preference_data(path, CFG, tok, strict=True)
+    assert data.report.n_train == 2 and data.report.truncated_prompts == 1 and not data.report.skipped
 
 
 @pytest.mark.parametrize("records, fields", [

@@ -75,9 +75,7 @@ def test_arbitrary_text_never_crashes_and_masks_are_exact(tok_name, prompt, chos
     except Skip:
         return  # counted as a bad record, never a crash
     ex = prepare_pair(tok, p, c, r, max_length, max_prompt_length)
-    prompt_ids = [tok.bos_id] + tok.encode(p)
-    if len(prompt_ids) > max_length:
-        return  # skipped as prompt_too_long by load_preference_data
+    prompt_ids = [tok.bos_id] + tok.encode(p)  # (one longer than max_length too: truncated, never skipped)
     batch = collate_preference([ex], tok.pad_id)
     kept_prompt = len(ex["prompt_ids"])
     assert kept_prompt == min(len(prompt_ids), max_prompt_length)

@@ -14,12 +14,15 @@ from .errors import UserError
 
 def cmd_info(args) -> int:
     from .checkpoint import load_model, has_tokenizer
+    from .commands import checkpoint_arg
 
-    model = load_model(args.ckpt)
+    ckpt = checkpoint_arg(args.ckpt)  # a run directory too, as the other commands take
+    model = load_model(ckpt)
     m = model.cfg
     total, active = model.num_params()
     moe = m.moe_layer_ids
     rows = [
+        ("checkpoint", str(ckpt)),
         ("layers", f"{m.num_hidden_layers} ({len(moe)} MoE: {moe}; NoPE: "
                    f"{[i for i, f in enumerate(m.rope_layer_flags) if not f]})"),
         ("hidden / heads / kv heads / head_dim", f"{m.hidden_size} / {m.num_attention_heads} / {m.n_kv_heads} / {m.d_head}"),
@@ -29,7 +32,7 @@ def cmd_info(args) -> int:
         ("vocab", str(m.vocab_size)),
         ("parameters (total)", f"{total:,}"),
         ("parameters (active per token)", f"{active:,}"),
-        ("tokenizer", "yes" if has_tokenizer(args.ckpt) else "none"),
+        ("tokenizer", "yes" if has_tokenizer(ckpt) else "none"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -38,10 +41,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
+    from .commands import checkpoint_arg
     from .interop import export_hf
 
-    out = export_hf(args.ckpt, args.out_dir)
-    print(f"wrote {out} (load with transformers.Llama4ForCausalLM.from_pretrained)")
+    out = export_hf(checkpoint_arg(args.ckpt), args.out_dir)  # a run directory too, as the other commands take
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -71,16 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama4dpo", description="Llama 4 (text, MoE) with pretraining, SFT and DPO.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("info", help="layers, experts, total and active parameter counts of a checkpoint")
+    s = sub.add_parser("info", help="layers, experts, total and active parameter counts of a checkpoint or "
+                                    "run directory")
     s.add_argument("ckpt")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("export-hf", help="write a transformers Llama4ForCausalLM directory")
+    s = sub.add_parser("export-hf", help="write a directory transformers loads (AutoModelForCausalLM, AutoTokenizer)")
     s.add_argument("ckpt")
     s.add_argument("out_dir")
     s.set_defaults(func=cmd_export_hf)
 
-    s = sub.add_parser("import-hf", help="convert a transformers Llama 4 directory into a checkpoint")
+    s = sub.add_parser("import-hf", help="convert a transformers directory (Llama 4 or dense Llama) or a llama "
+                                         "GGUF file into a checkpoint")
     s.add_argument("hf_dir")
     s.add_argument("out_ckpt")
     s.set_defaults(func=cmd_import_hf)

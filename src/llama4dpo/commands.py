@@ -107,6 +107,18 @@ def _sampling(args):
                     top_p=args.top_p, seed=args.seed, stop=list(args.stop or [])).validate()
 
 
+def checkpoint_arg(path: str):
+    """A CKPT argument: a checkpoint directory, or a run directory (its final/, else its latest checkpoint).
+    Anything else is returned as given, so that loading it names what is wrong (no such directory, ...)."""
+    from .errors import UserError
+    from .train.recipes import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path)
+    except UserError:
+        return path
+
+
 def _model_and_tokenizer(path):
     from .checkpoint import load_model, load_tokenizer
     from .train.recipes import resolve_checkpoint
@@ -191,20 +203,41 @@ def cmd_chat(args) -> int:
                         system=args.system)
 
 
-def cmd_eval(args) -> int:
-    import json
-
+def _eval_config(args):
+    """The evaluated checkpoint's config with the command line's overrides. The run's data.max_samples
+    limited its training set: it must not silently shorten the scored file, so only --max-samples (or an
+    explicit data.max_samples=N override) limits it."""
     from .checkpoint import load_config
-    from .data import load_preference_data
-    from .evaluate import format_table, ground_truth_metrics, preference_metrics
     from .train.recipes import resolve_checkpoint
 
+    cfg = load_config(resolve_checkpoint(args.model))
+    cfg.data.max_samples = None
+    cfg = cfg.with_overrides(args.overrides)
+    if args.max_samples is not None:
+        cfg.data.max_samples = args.max_samples
+    return cfg
+
+
+def cmd_eval(args) -> int:
+    """Score every valid pair of --data (no train/eval split: the file is the held-out set; builtin:NAME
+    gives its held-out pairs). The data report comes first, on the console and in the JSON. With a
+    ground-truth reward (builtin:NAME) and --ref, both models also answer the task's held-out prompts
+    (the first --limit of them)."""
+    import json
+
+    from .data import check_context, load_preference_data
+    from .evaluate import format_table, ground_truth_metrics, preference_metrics
+
+    cfg = _eval_config(args)
+    check_context(cfg.data, cfg.model.max_position_embeddings)  # before loading any model
     model, tokenizer = _model_and_tokenizer(args.model)
-    cfg = load_config(resolve_checkpoint(args.model)).with_overrides(args.overrides)
     reference = _model_and_tokenizer(args.ref)[0] if args.ref else None
-    data = load_preference_data(args.data, cfg.data, tokenizer)
-    results: dict = {"model": str(args.model), "reference": args.ref, "data": args.data}
-    if reference is not None and len(data.eval):
+    data = load_preference_data(args.data, cfg.data, tokenizer, split=False,
+                                context=cfg.model.max_position_embeddings)
+    print(data.report.summary())
+    results: dict = {"model": str(args.model), "reference": args.ref, "data": args.data,
+                     "data_report": data.report.to_dict()}
+    if reference is not None:
         results.update(preference_metrics(model, reference, data.eval, tokenizer.pad_id, cfg.dpo))
     else:
         from .evaluate import policy_logps
@@ -284,12 +317,17 @@ def add_commands(sub) -> None:
     _sampling_args(s)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("eval", help="reward accuracy on held-out pairs; ground-truth reward, win rate, KL")
+    s = sub.add_parser("eval", help="reward accuracy on every pair of a held-out file; ground-truth reward, "
+                                    "win rate, KL")
     s.add_argument("--model", required=True)
     s.add_argument("--ref", help="reference checkpoint (needed for implicit rewards, win rate and KL)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--out", help="write the results as JSON")
-    s.add_argument("--limit", type=positive_int, help="at most this many held-out prompts for generation")
+    s.add_argument("--data", required=True, help="held-out pairs: every valid pair is scored (no split); "
+                                                 "builtin:NAME scores its held-out pairs")
+    s.add_argument("--max-samples", type=positive_int,
+                   help="read only the first N records of --data (bad ones count; the report says how many kept)")
+    s.add_argument("--out", help="write the results (and the data report's counts) as JSON")
+    s.add_argument("--limit", type=positive_int, help="builtin:NAME with --ref: generate answers to at most this "
+                                                      "many of its held-out prompts (default all)")
     s.add_argument("--max-new-tokens", type=positive_int, default=48)
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.set_defaults(func=cmd_eval)

@@ -1,6 +1,7 @@
 """Evaluation of a policy against its reference.
 
-On held-out preference pairs: reward accuracy and mean margin of the implicit DPO reward
+On preference pairs (`llama4dpo eval` scores every valid pair of its --data, the user's held-out set;
+a builtin task's held-out pairs): reward accuracy and mean margin of the implicit DPO reward
 beta * log(pi / pi_ref), and mean chosen/rejected log-probs. On a source with a ground-truth reward
 (builtin:NAME): answers of both models to held-out prompts, sampled at temperature 1 and scored (the
 expected reward); the win rate of policy over reference (ties count half); and KL(policy || reference) estimated on the policy's own samples,

@@ -4,8 +4,9 @@
     formats.py     detect explicit / hh / conversational and extract (prompt, chosen, rejected)
     chat.py        the one chat template (HH convention), shared with generation
     report.py      bad records skipped and counted by reason; truncation counts
-    prepare.py     tokenisation and the truncation policy
+    prepare.py     tokenisation and the truncation policy (long prompts keep their end, never dropped)
     preference.py  load_preference_data: the whole pipeline for DPO and SFT data, with the eval split
+                   (or none: every pair scored, for `llama4dpo eval`)
     collate.py     padded [chosen; rejected] (DPO) and prompt + chosen (SFT) batches
     lm.py          pretraining corpora as a token stream sampled in block_size windows
     builtin.py     builtin:assistant, a generated task with a ground-truth reward
@@ -16,7 +17,7 @@ from .chat import ASSISTANT, HUMAN, SYSTEM, render_prompt, render_response, rend
 from .collate import IGNORE_INDEX, collate_preference, collate_preference_shared, collate_sft, preference_collator
 from .formats import FORMATS, detect_format, extract_pair
 from .lm import TokenStream, load_text_corpus, load_token_streams, training_texts
-from .preference import PreferenceData, load_preference_data, read_pairs
+from .preference import PreferenceData, check_context, load_preference_data, read_pairs
 from .prepare import prepare_pair, truncate_pair
 from .report import REASONS, DataReport
 from .sources import read_records, write_records
@@ -27,7 +28,7 @@ __all__ = [
     "IGNORE_INDEX", "collate_preference", "collate_preference_shared", "collate_sft", "preference_collator",
     "FORMATS", "detect_format", "extract_pair",
     "TokenStream", "load_text_corpus", "load_token_streams", "training_texts",
-    "PreferenceData", "load_preference_data", "read_pairs",
+    "PreferenceData", "check_context", "load_preference_data", "read_pairs",
     "prepare_pair", "truncate_pair",
     "REASONS", "DataReport",
     "read_records", "write_records",

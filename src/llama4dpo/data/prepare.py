@@ -9,6 +9,13 @@ A prepared example is three id lists:
 Prompt and responses are encoded separately, so a BPE merge never crosses the boundary and a response's
 tokens are the same whatever the prompt. Each sequence prompt_ids + response_ids has exactly one bos
 (first) and one eos (last, unless the response was cut; see `truncate_pair`).
+
+Worked example (max_length=8, max_prompt_length=4): a 10-token HH transcript prompt
+[bos, h1 .. h9] is longer than max_length itself, and is kept, not skipped: it becomes
+[bos, h7, h8, h9] (its end: the latest turn and "Assistant:"), and each response keeps its first
+8 - 4 = 4 tokens: chosen [c1, c2, eos] fits whole, rejected [r1 .. r5, eos] becomes [r1, r2, r3, r4]
+(cut, so no eos). Both responses continue the same truncated prompt, so prefix sharing
+(`collate_preference_shared`) still sees one prompt per pair.
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
     2. Each response is then cut to its FIRST `max_length - len(prompt)` tokens. A cut response loses
        its eos (as in TRL): the model is not taught to stop where the text was cut.
 
-    Since max_prompt_length < max_length, every response keeps at least one token. A prompt longer than
-    max_length before truncation is rejected earlier (reason prompt_too_long), not truncated here.
+    A prompt longer than max_length itself is truncated the same way, never dropped. Since the config
+    requires max_prompt_length < max_length, every response keeps at least one token; only with an
+    unvalidated max_prompt_length >= max_length could none fit (`tokenize_batch` flags that prompt_too_long).
 
     >>> truncate_pair([1, 10, 11, 12, 13], [20, 21, 2], [30, 2], max_length=5, max_prompt_length=3)
     ([1, 12, 13], [20, 21], [30, 2])
+    >>> truncate_pair([1, 10, 11, 12, 13, 14, 15, 16], [20, 21, 2], [30, 2], max_length=5, max_prompt_length=3)
+    ([1, 15, 16], [20, 21], [30, 2])
     """
     if len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]
@@ -44,7 +54,7 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
 
 def prepare_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
                  max_prompt_length: int) -> dict:
-    """One pair's prepared example (no `prompt_too_long` check); `tokenize_batch` is the batched version."""
+    """One pair's prepared example; `tokenize_batch` is the batched version."""
     batch = tokenize_batch({"prompt": [prompt], "chosen": [chosen], "rejected": [rejected]},
                            tokenizer, max_length, max_prompt_length)
     return {k: v[0] for k, v in batch.items() if k.endswith("_ids")}
@@ -62,7 +72,7 @@ def tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: i
         out["prompt_ids"].append(p2)
         out["chosen_ids"].append(c2)
         out["rejected_ids"].append(r2)
-        out["prompt_too_long"].append(len(p) > max_length)
+        out["prompt_too_long"].append(len(p2) >= max_length)  # no response token fits after the kept prompt
         out["prompt_truncated"].append(len(p2) < len(p))
         out["chosen_truncated"].append(len(c2) < len(c))
         out["rejected_truncated"].append(len(r2) < len(r))

@@ -12,7 +12,8 @@ these reasons, and `DataReport.summary()` prints the counts and the first few lo
     no_assistant_turn    the transcripts share no "Assistant:" turn / the last message is not the assistant's
     mismatched_prompts   conversational: chosen and rejected continue different conversations
     identical_responses  chosen == rejected after normalisation (no preference to learn)
-    prompt_too_long      the tokenised prompt alone is longer than max_length
+    prompt_too_long      no response token fits after the prompt (only if max_prompt_length >= max_length,
+                         which the config refuses: a long prompt is truncated to its end, never skipped)
 
 In strict mode the first bad record is a one-line `UserError` instead.
 """
@@ -49,6 +50,7 @@ class DataReport:
     first: dict[str, list[int]] = field(default_factory=dict)  # reason -> first SHOW_FIRST locations
     n_train: int = 0
     n_eval: int = 0
+    split: bool = True               # False: no train/eval split, every kept pair is scored (`llama4dpo eval`)
     max_length: int | None = None
     max_prompt_length: int | None = None
     truncated_prompts: int = 0       # prompts cut to their last max_prompt_length tokens
@@ -74,11 +76,21 @@ class DataReport:
     def kept(self) -> int:
         return self.n_train + self.n_eval
 
+    def to_dict(self) -> dict:
+        """The counts as JSON (`llama4dpo eval --out`): the same numbers `summary` prints."""
+        return {"source": self.source, "format": self.format, "read": self.records, "kept": self.kept,
+                "train": self.n_train, "eval": self.n_eval,
+                "skipped": {r: self.skipped[r] for r in REASONS if self.skipped[r]},
+                "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+                "truncated_prompts": self.truncated_prompts, "truncated_chosen": self.truncated_chosen,
+                "truncated_rejected": self.truncated_rejected, "unknown_chars": self.unknown_chars}
+
     def summary(self) -> str:
-        """A few lines for the console / log, printed before training starts."""
+        """A few lines for the console / log, printed before training (or scoring) starts."""
         n_skip = sum(self.skipped.values())
-        lines = [f"data {self.source} ({self.format}): {self.records} records, {self.kept} kept "
-                 f"({self.n_train} train / {self.n_eval} eval), {n_skip} skipped"]
+        use = f"{self.n_train} train / {self.n_eval} eval" if self.split else "all scored, no train/eval split"
+        lines = [f"data {self.source} ({self.format}): {self.records} records read, {self.kept} kept ({use}), "
+                 f"{n_skip} skipped"]
         for reason in REASONS:
             if self.skipped[reason]:
                 more = ", ..." if self.skipped[reason] > len(self.first[reason]) else ""

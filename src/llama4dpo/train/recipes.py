@@ -137,10 +137,13 @@ def _save_tokenizer(out: Path, tokenizer) -> None:
 
 
 def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
+    from ..data import check_context
+
     init = resolve_checkpoint(init)
     init_cfg = Config.load_json(init / "config.json")
     cfg.model = init_cfg.model  # the architecture comes from the checkpoint being fine-tuned
     cfg.validate()
+    check_context(cfg.data, cfg.model.max_position_embeddings)  # before the run directory is touched
     return init, cfg, load_tokenizer(init)
 
 
