@@ -170,17 +170,26 @@ def _read_prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
     import sys
 
-    from .data.chat import HUMAN, render_prompt
+    from .data.chat import HUMAN, check_no_special_tokens, has_template, render_prompt, template_prompt
     from .generate import generate
+    from .errors import UserError
 
     prompts = _read_prompts(args)  # before loading the model: a bad prompts file fails fast
+    if args.raw and args.system:
+        raise UserError("--system needs the chat template: drop --raw")
     model, tokenizer = _model_and_tokenizer(args.model)
     if args.dtype == "bf16":
         import torch
         model = model.to(torch.bfloat16)
     s = _sampling(args)
-    if not args.raw:
-        prompts = [render_prompt([{"role": "user", "content": p}]) for p in prompts]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if not args.raw and has_template(tokenizer):  # the model's own chat template; it stops at its end of turn
+        for text, what in [(args.system or "", "--system"), *((p, "the prompt") for p in prompts)]:
+            check_no_special_tokens(tokenizer, text, what)
+        prompts = [template_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+    elif not args.raw:
+        nfkc = getattr(tokenizer, "applies_nfkc", True)
+        prompts = [render_prompt(system + [{"role": "user", "content": p}], nfkc) for p in prompts]
         s.stop.append(HUMAN)
     if len(prompts) == 1:
         generate(model, tokenizer, prompts, s, stream=lambda t: print(t, end="", flush=True), compile=args.compile)
@@ -303,6 +312,7 @@ def add_commands(sub) -> None:
     s.add_argument("--prompt", help="one prompt (else --prompts-file, else one prompt per line on stdin)")
     s.add_argument("--prompts-file")
     s.add_argument("--raw", action="store_true", help="do not wrap prompts in the chat template")
+    s.add_argument("--system", help="system message (with the chat template)")
     s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="hold the weights in this dtype (bf16 reads half the bytes per token)")

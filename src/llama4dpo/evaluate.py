@@ -15,7 +15,8 @@ import statistics
 
 import torch
 
-from .data.chat import HUMAN
+from .data.chat import ASSISTANT, HUMAN, has_template, parse_transcript, template_prompt
+from .data.prepare import encode_prompts
 from .generate import Sampling, generate, generate_ids
 from .losses import sequence_logps
 from .train.batches import ExampleBatches
@@ -72,8 +73,9 @@ def kl_per_answer(model, reference, tokenizer, prompts: list[str], max_new_token
     device = next(model.parameters()).device
     s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
     for lo in range(0, len(prompts), batch_size):
-        encoded = [tokenizer.encode(p, bos=True) for p in prompts[lo:lo + batch_size]]
-        samples = generate_ids(model, encoded, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        encoded = encode_prompts(tokenizer, prompts[lo:lo + batch_size])
+        samples = generate_ids(model, encoded, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               stop_ids=getattr(tokenizer, "stop_ids", None))
         rows = [p + r for p, r in zip(encoded, samples)]
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long, device=device)
@@ -92,14 +94,18 @@ def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score,
     """Expected ground-truth reward of each model's answers, E_{y ~ pi}[r(x, y)] (the quantity RLHF and
     DPO maximise), estimated with `samples` answers per held-out prompt at temperature 1; the win rate
     compares the i-th sample of the policy with the i-th of the reference (ties count half)."""
-    s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop=[HUMAN])
+    templated = has_template(tokenizer)
+    s = Sampling(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, stop=[] if templated else [HUMAN])
     many = [p for p in prompts for _ in range(samples)]
-    policy = generate(model, tokenizer, many, s, batch_size=128)
-    ref = generate(reference, tokenizer, many, s, batch_size=128)
+    shown = [_as_template_prompt(tokenizer, p) for p in many] if templated else many  # what the models see
+    policy = generate(model, tokenizer, shown, s, batch_size=128)
+    ref = generate(reference, tokenizer, shown, s, batch_size=128)
     s_pol = [score(p, r) for p, r in zip(many, policy)]
     s_ref = [score(p, r) for p, r in zip(many, ref)]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_pol, s_ref))
-    kls = kl_per_answer(model, reference, tokenizer, prompts, max_new_tokens, seed=seed)
+    kls = kl_per_answer(model, reference, tokenizer,
+                        [_as_template_prompt(tokenizer, p) for p in prompts] if templated else prompts,
+                        max_new_tokens, seed=seed)
     n = max(len(many), 1)
     return {
         "prompts": len(prompts),
@@ -112,6 +118,13 @@ def ground_truth_metrics(model, reference, tokenizer, prompts: list[str], score,
         "examples": [{"prompt": many[i], "reference": ref[i], "policy": policy[i], "score_reference": s_ref[i],
                       "score_policy": s_pol[i]} for i in _spread(len(prompts), show, samples)],
     }
+
+
+def _as_template_prompt(tokenizer, prompt: str) -> str:
+    """A builtin task's HH prompt ("\\n\\nHuman: ...\\n\\nAssistant:") rendered with the tokenizer's chat
+    template; a prompt rendered by it already (a file's eval prompt) is kept."""
+    turns = parse_transcript(prompt[:-len(ASSISTANT)]) if prompt.endswith(ASSISTANT) else None
+    return template_prompt(tokenizer, turns) if turns else prompt
 
 
 def _spread(n: int, k: int, stride: int) -> list[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -159,10 +159,15 @@ def static_cache(model, batch_size: int, max_len: int) -> Iterator:
 
 
 @torch.inference_mode()
-def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, pad_id: int, use_cache: bool = True,
-                 on_token: Callable[[int, int], None] | None = None, compile: bool = False) -> list[list[int]]:
-    """New token ids per prompt (the eos, when produced, included). `on_token(row, id)` streams.
-    With `compile`, decoding steps run `torch.compile(model.decode)` (the first call compiles)."""
+def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int | None = None, pad_id: int,
+                 use_cache: bool = True, on_token: Callable[[int, int], None] | None = None, compile: bool = False,
+                 stop_ids: Iterable[int] | None = None) -> list[list[int]]:
+    """New token ids per prompt (the stop token, when produced, included): a row stops at `eos_id` or at any
+    of `stop_ids` (e.g. `tokenizer.stop_ids`: eos and a chat template's end-of-turn token). `on_token(row, id)`
+    streams. With `compile`, decoding steps run `torch.compile(model.decode)` (the first call compiles)."""
+    stops = frozenset(({eos_id} if eos_id is not None else set()) | set(map(int, stop_ids or ())))
+    if not stops:
+        raise ValueError("generate_ids needs eos_id or stop_ids")
     s.validate()
     if any(len(p) == 0 for p in prompts):
         raise UserError("empty prompt")
@@ -190,19 +195,19 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int, p
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     if not use_cache:
-        return _sample(model, ids, mask, None, None, s, generator, eos_id, pad_id, on_token)
+        return _sample(model, ids, mask, None, None, s, generator, stops, pad_id, on_token)
     if compile:
         with static_cache(model, B, max_len) as cache:
-            return _sample(model, ids, mask, cache, compiled_decode(model), s, generator, eos_id, pad_id, on_token)
-    return _sample(model, ids, mask, model.new_cache(B, max_len), model.decode, s, generator, eos_id, pad_id,
+            return _sample(model, ids, mask, cache, compiled_decode(model), s, generator, stops, pad_id, on_token)
+    return _sample(model, ids, mask, model.new_cache(B, max_len), model.decode, s, generator, stops, pad_id,
                    on_token)
 
 
-def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int, pad_id: int, on_token):
+def _sample(model, ids, mask, cache, decode, s: Sampling, generator, stops: frozenset, pad_id: int, on_token):
     """The token loop of generate_ids: prefill (into the cache, if any), then one token per step."""
     B = len(ids)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B  # rows that produced eos: fed pad from then on, their tokens dropped
+    done = [False] * B  # rows that produced a stop token: fed pad from then on, their tokens dropped
 
     def last_logits(ids, mask, cache=None):  # (B, V): the LM head on the last position only
         last = torch.full((B, 1), ids.shape[1] - 1, device=ids.device)
@@ -217,7 +222,7 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
                 out[i].append(v)
                 if on_token:
                     on_token(i, v)
-                done[i] = v == eos_id
+                done[i] = v in stops
         if all(done) or step == s.max_new_tokens - 1:  # (no forward for logits nobody reads)
             break
         if any(done):
@@ -233,13 +238,17 @@ def _sample(model, ids, mask, cache, decode, s: Sampling, generator, eos_id: int
 
 def generate(model, tokenizer, prompts: list[str], s: Sampling, *, use_cache: bool = True,
              batch_size: int = 16, stream: Callable[[str], None] | None = None, compile: bool = False) -> list[str]:
-    """Completions of prompt texts (bos is prepended; eos and text after a stop string are removed)."""
+    """Completions of prompt texts (bos is prepended as data preparation does, see `encode_prompts`; generation
+    stops at any of `tokenizer.stop_ids`; special tokens and text after a stop string are removed)."""
+    from .data.prepare import encode_prompts
+
     texts = []
     for lo in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.encode(p, bos=True) for p in prompts[lo:lo + batch_size]]
+        chunk = encode_prompts(tokenizer, prompts[lo:lo + batch_size])
         on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
         for ids in generate_ids(model, chunk, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                use_cache=use_cache, on_token=on_token, compile=compile):
+                                use_cache=use_cache, on_token=on_token, compile=compile,
+                                stop_ids=getattr(tokenizer, "stop_ids", None)):
             texts.append(cut_at_stop(tokenizer.decode(ids), s.stop))
     return texts
 

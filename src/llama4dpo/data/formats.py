@@ -12,7 +12,13 @@
 
 Detection (format "auto"): chosen holding a message list (or its JSON string) -> conversational; else a
 prompt field -> explicit; else hh. A record set without chosen and rejected fields is a one-line error
-listing the fields it has. Every text is NFKC-normalised (`chat.normalize_text`).
+listing the fields it has. Every text is NFKC-normalised (`chat.normalize_text`), unless the tokenizer
+does not apply NFKC itself (`applies_nfkc` False: a pretrained model's HFTokenizer).
+
+With a tokenizer that has a chat template (`extract_pair(..., tokenizer=tok)`), the pair is rendered by that
+template instead: an explicit prompt string is one user turn, HH transcripts are parsed into turns, message
+lists are used as they are; the prompt is `apply_chat_template(context, add_generation_prompt=True)` and each
+response is the full render with the assistant answer minus the prompt (`chat.template_response`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
-from .chat import ROLE_MARKERS, normalize_text, render_prompt, render_response, split_transcripts
+from .chat import (ASSISTANT, ROLE_MARKERS, has_template, normalize_text, parse_transcript, render_prompt,
+                   render_response, split_transcripts, template_prompt, template_response)
 from .report import Skip
 from .sources import RawRecords
 
@@ -46,20 +53,32 @@ def detect_format(raw: RawRecords, requested: str = "auto") -> str:
     return "explicit" if "prompt" in fields else "hh"
 
 
-def extract_pair(rec: dict, fmt: str) -> tuple[str, str, str]:
-    """(prompt, chosen response, rejected response) texts of one record; raises `Skip` for a bad one."""
+def extract_pair(rec: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) texts of one record; raises `Skip` for a bad one.
+    `tokenizer`: the model's, for its NFKC choice and its chat template (None: NFKC and the HH convention)."""
+    nfkc = tokenizer is None or tokenizer.applies_nfkc
+    templated = has_template(tokenizer)
     if fmt == "explicit":
-        prompt, chosen, rejected = _text(rec, "prompt"), _text(rec, "chosen"), _text(rec, "rejected")
+        prompt, chosen, rejected = (_text(rec, k, nfkc) for k in ("prompt", "chosen", "rejected"))
+        context = [{"role": "user", "content": prompt}]
     elif fmt == "hh":
-        chosen, rejected = _text(rec, "chosen"), _text(rec, "rejected")
+        chosen, rejected = _text(rec, "chosen", nfkc), _text(rec, "rejected", nfkc)
         if chosen == rejected:
             raise Skip("identical_responses")
         split = split_transcripts(chosen, rejected)
         if split is None:
             raise Skip("no_assistant_turn", "no shared '\\n\\nAssistant:' turn")
         prompt, chosen, rejected = split
+        if templated:
+            context = parse_transcript(prompt[:-len(ASSISTANT)])
+            if context is None:
+                raise Skip("bad_transcript", "text before the first turn marker")
+            chosen, rejected = chosen.strip(), rejected.strip()
     elif fmt == "conversational":
-        prompt, chosen, rejected = _conversation(rec)
+        context, chosen, rejected = _conversation(rec, nfkc)
+        if not templated:
+            prompt, chosen, rejected = (render_prompt(context, nfkc), render_response(chosen, nfkc),
+                                        render_response(rejected, nfkc))
     else:
         raise ValueError(f"unknown preference format {fmt!r}")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
@@ -67,7 +86,27 @@ def extract_pair(rec: dict, fmt: str) -> tuple[str, str, str]:
             raise Skip("empty_field", f"{name} response is empty")
     if chosen == rejected:
         raise Skip("identical_responses")
+    if templated:
+        return render_pair(tokenizer, context, chosen, rejected)
     return prompt, chosen, rejected
+
+
+def render_pair(tokenizer, context: list[dict], chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) rendered by the tokenizer's chat template; a template that
+    fails on the conversation, or whose prompt is not a prefix of the full render, is a `Skip`; so is a text
+    holding one of the model's special tokens, which would be encoded as that control token."""
+    for token in getattr(tokenizer, "special_tokens", None) or []:
+        for text in (chosen, rejected, *(m["content"] for m in context)):
+            if token and token in text:
+                raise Skip("special_token_in_text", f"the text holds the model's special token {token!r}")
+    try:
+        prompt = template_prompt(tokenizer, context)
+        return (prompt, template_response(tokenizer, context, prompt, chosen),
+                template_response(tokenizer, context, prompt, rejected))
+    except ValueError as e:
+        raise Skip(str(e), "the rendered prompt is not a prefix of the rendered conversation") from None
+    except UserError as e:
+        raise Skip("template_error", str(e)[:120]) from None
 
 
 def _value(rec: dict, key: str):
@@ -78,11 +117,11 @@ def _value(rec: dict, key: str):
     return rec[key]
 
 
-def _text(rec: dict, key: str) -> str:
+def _text(rec: dict, key: str, nfkc: bool = True) -> str:
     value = _value(rec, key)
     if not isinstance(value, str):
         raise Skip("non_string_field", f"{key} is a {type(value).__name__}")
-    text = normalize_text(value)
+    text = normalize_text(value, nfkc)
     if not text.strip():
         raise Skip("empty_field", key)
     return text
@@ -98,7 +137,7 @@ def _as_message_list(value) -> list | None:
     return value if isinstance(value, list) and all(isinstance(m, dict) for m in value) else None
 
 
-def _messages(rec: dict, key: str) -> list[dict]:
+def _messages(rec: dict, key: str, nfkc: bool = True) -> list[dict]:
     value = _value(rec, key)
     msgs = _as_message_list(value)
     if not msgs:
@@ -107,18 +146,19 @@ def _messages(rec: dict, key: str) -> list[dict]:
         if not isinstance(m.get("role"), str) or m["role"] not in ROLE_MARKERS or not isinstance(m.get("content"), str):
             shown = {k: m.get(k) for k in ("role", "content")}
             raise Skip("bad_messages", f"{key} has a message {str(shown)[:60]}")
-    return [{"role": m["role"], "content": normalize_text(m["content"])} for m in msgs]
+    return [{"role": m["role"], "content": normalize_text(m["content"], nfkc)} for m in msgs]
 
 
-def _conversation(rec: dict) -> tuple[str, str, str]:
-    chosen, rejected = _messages(rec, "chosen"), _messages(rec, "rejected")
+def _conversation(rec: dict, nfkc: bool = True) -> tuple[list[dict], str, str]:
+    """(the messages before the answer, chosen answer, rejected answer)."""
+    chosen, rejected = _messages(rec, "chosen", nfkc), _messages(rec, "rejected", nfkc)
     prompt = rec.get("prompt")
     if prompt is None:
         context: list[dict] = []
     elif isinstance(prompt, str) and _as_message_list(prompt) is None:
-        context = [{"role": "user", "content": normalize_text(prompt)}]  # UltraFeedback's prompt string
+        context = [{"role": "user", "content": normalize_text(prompt, nfkc)}]  # UltraFeedback's prompt string
     else:
-        context = _messages(rec, "prompt")
+        context = _messages(rec, "prompt", nfkc)
     # UltraFeedback repeats the prompt inside chosen/rejected; TRL's format does not. Accept both.
     full_c = chosen if chosen[:len(context)] == context else context + chosen
     full_r = rejected if rejected[:len(context)] == context else context + rejected
@@ -128,4 +168,4 @@ def _conversation(rec: dict) -> tuple[str, str, str]:
         raise Skip("mismatched_prompts", "chosen and rejected continue different conversations")
     if not any(m["content"].strip() for m in full_c[:-1]):
         raise Skip("empty_field", "prompt")
-    return render_prompt(full_c[:-1]), render_response(full_c[-1]["content"]), render_response(full_r[-1]["content"])
+    return full_c[:-1], full_c[-1]["content"], full_r[-1]["content"]

@@ -30,9 +30,12 @@ from .sources import RawRecords, builtin_name, file_kind, open_binary, read_reco
 TEXT_FIELD = "text"
 
 
-def load_text_corpus(source: str, cfg: DataConfig, *, report: DataReport | None = None) -> list[str]:
-    """The documents of a corpus source (see the module docstring), NFKC-normalised. Records without a
-    usable text are counted in `report` by reason (strict mode: the first is an error)."""
+def load_text_corpus(source: str, cfg: DataConfig, *, report: DataReport | None = None,
+                     tokenizer=None) -> list[str]:
+    """The documents of a corpus source (see the module docstring), NFKC-normalised (not for a `tokenizer`
+    whose `applies_nfkc` is False). Records without a usable text are counted in `report` by reason (strict
+    mode: the first is an error)."""
+    nfkc = tokenizer is None or tokenizer.applies_nfkc
     name = builtin_name(source)
     if name is not None:
         return get_task(name, cfg.seed, cfg.builtin_size).corpus_texts
@@ -40,11 +43,11 @@ def load_text_corpus(source: str, cfg: DataConfig, *, report: DataReport | None 
         if not Path(source).is_file():
             raise UserError(f"corpus file not found: {source}")
         with open_binary(Path(source)) as f:
-            return [normalize_text(f.read().decode("utf-8", errors="replace"))]
+            return [normalize_text(f.read().decode("utf-8", errors="replace"), nfkc)]
     raw = read_records(source, split=cfg.split, max_samples=cfg.max_samples)
     if TEXT_FIELD in raw.fields():
-        return _texts(raw, cfg, report)
-    pairs, _ = read_pairs(source, cfg, raw=raw)  # not a preference set either: a one-line error
+        return _texts(raw, cfg, report, nfkc)
+    pairs, _ = read_pairs(source, cfg, raw=raw, tokenizer=tokenizer)  # not a preference set either: one-line error
     return [p + c for p, c in zip(pairs["prompt"], pairs["chosen"])]
 
 
@@ -64,14 +67,14 @@ def training_texts(source: str, cfg: DataConfig) -> list[str]:
     return pairs["prompt"] + pairs["chosen"] + pairs["rejected"]
 
 
-def _texts(raw: RawRecords, cfg: DataConfig, report: DataReport | None) -> list[str]:
+def _texts(raw: RawRecords, cfg: DataConfig, report: DataReport | None, nfkc: bool = True) -> list[str]:
     report = report if report is not None else DataReport(raw.source, "text", unit=raw.unit, strict=cfg.strict)
     report.format, report.records = "text", len(raw.rows)
     texts = []
     for loc, rec in raw.rows:
         value = rec.get(TEXT_FIELD) if isinstance(rec, dict) else None
         if isinstance(value, str) and value.strip():
-            texts.append(normalize_text(value))
+            texts.append(normalize_text(value, nfkc))
             continue
         reason = (rec.reason if isinstance(rec, Skip) else "missing_field" if TEXT_FIELD not in rec
                   else "null_field" if value is None else "non_string_field" if not isinstance(value, str)
@@ -111,7 +114,7 @@ class TokenStream:
 def load_token_streams(source: str, cfg: DataConfig, tokenizer) -> tuple[TokenStream, TokenStream | None]:
     """(train, eval) streams: the last `eval_fraction` of the tokens is held out for eval loss; no eval
     stream when that tail is shorter than one window."""
-    full = TokenStream.from_texts(load_text_corpus(source, cfg), tokenizer, cfg.block_size)
+    full = TokenStream.from_texts(load_text_corpus(source, cfg, tokenizer=tokenizer), tokenizer, cfg.block_size)
     n_eval = int(len(full) * cfg.eval_fraction)
     if n_eval < cfg.block_size + 1 or len(full) - n_eval < cfg.block_size + 1:
         return full, None

@@ -34,7 +34,8 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import UserError
 from .builtin import get_task
-from .formats import detect_format, extract_pair
+from .chat import ASSISTANT, has_template, parse_transcript
+from .formats import detect_format, extract_pair, render_pair
 from .prepare import FLAG_COLUMNS, column, tokenize_pairs
 from .report import DataReport, Skip
 from .sources import RawRecords, builtin_name, read_records
@@ -50,14 +51,17 @@ class PreferenceData:
 
 
 def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
-               raw: RawRecords | None = None, sft: bool = False, split: bool = True) -> tuple[dict, DataReport]:
+               raw: RawRecords | None = None, sft: bool = False, split: bool = True,
+               tokenizer=None) -> tuple[dict, DataReport]:
     """Checked texts of every good record: {"prompt", "chosen", "rejected", "loc", "is_eval": [...]}.
     Bad records are counted in the report (or raise in strict mode). `raw`: records already read.
-    Without `split`, every pair is marked eval (a builtin source gives its held-out pairs only)."""
+    Without `split`, every pair is marked eval (a builtin source gives its held-out pairs only).
+    `tokenizer`: the model's; with a chat template the texts are rendered by it (see `formats.extract_pair`)."""
     strict = cfg.strict if strict is None else strict
     name = builtin_name(source)
     if name is not None:
-        return _builtin_pairs(source, name, cfg, strict, sft, split)
+        cols, report = _builtin_pairs(source, name, cfg, strict, sft, split)
+        return (_builtin_templated(cols, report, tokenizer) if has_template(tokenizer) else cols), report
     raw = raw if raw is not None else read_records(source, split=cfg.split, max_samples=cfg.max_samples)
     fmt = detect_format(raw, cfg.format)
     report = DataReport(source, fmt, unit=raw.unit, strict=strict, records=len(raw.rows))
@@ -66,7 +70,7 @@ def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
         try:
             if isinstance(rec, Skip):
                 raise rec
-            prompt, chosen, rejected = extract_pair(rec, fmt)
+            prompt, chosen, rejected = extract_pair(rec, fmt, tokenizer)
         except Skip as s:
             report.skip(s.reason, loc, s.detail)
             continue
@@ -99,6 +103,25 @@ def _builtin_pairs(source: str, name: str, cfg: DataConfig, strict: bool, sft: b
     cols["loc"] = list(range(len(pairs)))
     cols["is_eval"] = [i >= len(train) for i in range(len(pairs))]
     return cols, report
+
+
+def _builtin_templated(cols: dict, report: DataReport, tokenizer) -> dict:
+    """A builtin task's HH-rendered pairs re-rendered with the tokenizer's chat template."""
+    out: dict[str, list] = {k: [] for k in cols}
+    for i, prompt in enumerate(cols["prompt"]):
+        context = parse_transcript(prompt[:-len(ASSISTANT)]) if prompt.endswith(ASSISTANT) else None
+        try:
+            if context is None:
+                raise Skip("bad_transcript", "not an HH prompt")
+            rendered = render_pair(tokenizer, context, cols["chosen"][i].strip(), cols["rejected"][i].strip())
+        except Skip as s:
+            report.skip(s.reason, cols["loc"][i], s.detail)
+            continue
+        for key, value in zip(("prompt", "chosen", "rejected"), rendered):
+            out[key].append(value)
+        out["loc"].append(cols["loc"][i])
+        out["is_eval"].append(cols["is_eval"][i])
+    return out
 
 
 def split_by_prompt(prompts: list[str], n_eval: int, seed: int) -> list[bool]:
@@ -136,7 +159,7 @@ def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: boo
     import datasets
 
     check_context(cfg, context)
-    cols, report = read_pairs(source, cfg, strict=strict, sft=sft, split=split)
+    cols, report = read_pairs(source, cfg, strict=strict, sft=sft, split=split, tokenizer=tokenizer)
     if not cols["prompt"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
         raise UserError(f"{source}: no usable preference pairs in {report.records} records ({skipped or 'empty'})")

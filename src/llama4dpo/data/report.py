@@ -14,6 +14,11 @@ these reasons, and `DataReport.summary()` prints the counts and the first few lo
     identical_responses  chosen == rejected after normalisation (no preference to learn)
     prompt_too_long      no response token fits after the prompt (only if max_prompt_length >= max_length,
                          which the config refuses: a long prompt is truncated to its end, never skipped)
+    bad_transcript       with a chat template: an HH transcript with text before its first turn marker
+    template_not_prefix  with a chat template: its render of the prompt (with the generation prompt) is not
+                         a prefix of its render of the conversation with the answer
+    template_error       with a chat template: the template failed on the conversation (e.g. raise_exception)
+    special_token_in_text  with a chat template: a text holds one of the model's special (control) tokens
 
 In strict mode the first bad record is a one-line `UserError` instead.
 """
@@ -26,7 +31,8 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 
 REASONS = ("malformed_json", "missing_field", "null_field", "non_string_field", "empty_field", "bad_messages",
-           "no_assistant_turn", "mismatched_prompts", "identical_responses", "prompt_too_long")
+           "no_assistant_turn", "mismatched_prompts", "identical_responses", "prompt_too_long",
+           "bad_transcript", "template_not_prefix", "template_error", "special_token_in_text")
 SHOW_FIRST = 5  # locations remembered per reason
 
 
