@@ -26,7 +26,9 @@ def cmd_info(args) -> int:
         ("layers", f"{m.num_hidden_layers} ({len(moe)} MoE: {moe}; NoPE: "
                    f"{[i for i, f in enumerate(m.rope_layer_flags) if not f]})"),
         ("hidden / heads / kv heads / head_dim", f"{m.hidden_size} / {m.num_attention_heads} / {m.n_kv_heads} / {m.d_head}"),
-        ("experts", f"{m.num_local_experts} routed (top-{m.num_experts_per_tok}) + 1 shared, width {m.expert_size}"),
+        ("family / source", f"{m.family} / {m.source or 'built by llama4dpo'}"),
+        ("experts", f"{m.num_local_experts} routed (top-{m.num_experts_per_tok}) + 1 shared, width {m.expert_size}"
+                    if moe else "none (every layer dense)"),
         ("dense MLP width", str(m.dense_size)),
         ("attention chunk", str(m.attention_chunk_size)),
         ("vocab", str(m.vocab_size)),
