@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # 
 from llama4dpo import Config, load_model  # noqa: E402
 from llama4dpo.checkpoint import load_config  # noqa: E402
 from llama4dpo.cli import main  # noqa: E402
+
+from test_attack_interop import edit_config  # noqa: E402  (damages a copy's config.json)
 from llama4dpo.errors import ConfigError  # noqa: E402
 from llama4dpo.interop import llama as llama_interop  # noqa: E402
 
@@ -132,14 +134,6 @@ def test_stored_rotary_frequencies_are_skipped(tmp_path):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return save(hf_model(CONFIGS["mha-tied"]), tmp_path_factory.mktemp("llama") / "hf")
-
-
-def edit_config(**changes):
-    def damage(hf):
-        d = json.loads((hf / "config.json").read_text())
-        d.update(changes)
-        (hf / "config.json").write_text(json.dumps(d))
-    return damage
 
 
 def distinct_lm_head(hf):  # a tied config, yet a stored head that is not the embedding
