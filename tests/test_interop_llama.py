@@ -209,3 +209,36 @@ def test_export_tokenizer_loads_with_autotokenizer_and_import_reads_the_models_o
     back = load_tokenizer(tmp_path / "back")
     assert type(back).__name__ == "HFTokenizer"
     assert back.encode("What is 2 + 3?", bos=True) == theirs("What is 2 + 3?")["input_ids"]
+
+
+def hub_snapshot(hf_dir, root):
+    """hf_dir laid out as the Hugging Face hub cache does: snapshots/REV/NAME -> ../../blobs/HASH."""
+    repo = root / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(hf_dir.iterdir())):
+        shutil.move(f, repo / "blobs" / f"blob{i}")
+        (snap / f.name).symlink_to(f"../../blobs/blob{i}")
+    return snap
+
+
+def test_import_reads_a_hub_cache_snapshot_whose_files_are_links_into_blobs(tmp_path):
+    hf = hf_model(CONFIGS["gqa-untied"])
+    snap = hub_snapshot(save(hf, tmp_path / "hf"), tmp_path / "hub")
+    assert all(f.is_symlink() for f in snap.iterdir())
+    ours = import_hf(snap, tmp_path / "ours")
+    assert max_diff(hf, ours, ids()) <= 1e-5
+
+
+def test_a_hub_snapshot_link_leading_anywhere_but_its_blobs_is_refused(tmp_path, capsys):
+    snap = hub_snapshot(save(hf_model(CONFIGS["gqa-untied"]), tmp_path / "hf"), tmp_path / "hub")
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copy(snap / "model.safetensors", elsewhere)
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(elsewhere)  # a valid file, but outside the repository's blobs/
+    capsys.readouterr()
+    assert main(["import-hf", str(snap), str(tmp_path / "ours")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "symbolic link" in err
+    assert not (tmp_path / "ours").exists()

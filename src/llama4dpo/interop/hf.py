@@ -254,13 +254,27 @@ def _weight_files(hf_dir: Path) -> list[Path]:
     return files
 
 
+def _hub_blobs(folder: Path) -> Path | None:
+    """`models--ORG--NAME/blobs` when `folder` is a Hugging Face hub cache snapshot
+    (`models--ORG--NAME/snapshots/REVISION/`, whose files are symlinks into that blobs/ folder), else None."""
+    snapshots = folder.resolve().parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return (snapshots.parent / "blobs").resolve()
+    return None
+
+
 def _plain_file(folder: Path, name: str, named_by: str = "") -> Path:
     """folder/name, refused unless it is a regular file inside `folder` and not a symlink: a crafted index
-    must not make us read `../../secret` or `/etc/shadow`, nor a link to them."""
+    must not make us read `../../secret` or `/etc/shadow`, nor a link to them. The one exception is a hub cache
+    snapshot, whose files are links into its repository's blobs/ (`_hub_blobs`): there a link is followed
+    only to a regular file directly inside that blobs/ folder."""
     path = folder / name
     prefix = f"{named_by} {name!r:.120}" if named_by else str(path)
     if path.is_symlink():
-        raise UserError(f"{path}: is a symbolic link; refusing to read through it (copy the target in)")
+        blobs = _hub_blobs(folder)
+        if blobs is None or path.resolve().parent != blobs or not path.resolve().is_file():
+            raise UserError(f"{path}: is a symbolic link; refusing to read through it (copy the target in)")
+        return path  # a hub cache snapshot's file: a link into the same repository's blobs/
     try:
         inside = path.resolve().is_relative_to(folder.resolve())
     except (OSError, ValueError, RuntimeError) as e:  # a NUL byte in the name, a symlink loop above it
