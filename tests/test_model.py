@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from llama4dpo import LlamaModel, ModelConfig
 from llama4dpo.model import MoE, RMSNorm, RotaryPositionalEmbedding
-from llama4dpo.model import moe as moe_module
+from llama4dpo.kernels import attention as attention_kernels
+from llama4dpo.kernels import experts as expert_kernels
 
 TINY = dict(vocab_size=50, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, interleave_moe_layer_step=2,
@@ -116,7 +117,7 @@ def dense_moe_reference(moe: MoE, x):
     top, idx = logits.topk(moe.top_k, -1)
     scores = torch.full_like(logits, float("-inf")).scatter(1, idx, top).sigmoid()  # (T, E)
     out = moe.shared_expert(xt)
-    I = moe.experts.hidden
+    I = moe.experts.down_proj.shape[1]
     for e in range(moe.num_experts):
         h = (xt * scores[:, e:e + 1]) @ moe.experts.gate_up_proj[e]
         out = out + (F.silu(h[:, :I]) * h[:, I:]) @ moe.experts.down_proj[e]
@@ -131,7 +132,7 @@ def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monke
     op = {"public": getattr(F, "grouped_mm", None), "private": getattr(torch, "_grouped_mm", None)}.get(grouped)
     if grouped and op is None:
         pytest.skip(f"this torch has no {grouped} grouped_mm")
-    monkeypatch.setattr(moe_module, "_grouped_mm", lambda x: op)
+    monkeypatch.setattr(expert_kernels, "_grouped_mm", lambda x: op)
     cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": top_k})
     moe = MoE(cfg)
     moe.init_weights(0.2)
@@ -147,43 +148,19 @@ def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monke
     assert moe.tokens_per_expert.sum() == 21 * top_k
 
 
-def test_gathered_matmul_equals_per_group_products():
-    """The static-shape product compiled CUDA decoding uses where grouped_mm is missing (fp32, pre-Hopper)."""
-    from llama4dpo.model.moe import gathered_matmul
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(4, 8, 5, generator=g)
-    for counts in (torch.tensor([2, 0, 3, 1]), torch.tensor([0, 1, 0, 1])):  # rows >= experts, rows < experts
-        x = torch.randn(int(counts.sum()), 8, generator=g)
-        want = torch.cat([xe @ w[e] for e, xe in enumerate(x.split(counts.tolist()))])
-        torch.testing.assert_close(gathered_matmul(x, w, counts), want)
-    x = torch.randn(6, 8, generator=g)
-    compiled = torch.compile(gathered_matmul, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(x, w, torch.tensor([0, 6, 0, 0])), x @ w[1])
-
-
-def test_rowwise_matmul_equals_per_row_products():
-    g = torch.Generator().manual_seed(0)
-    w, x, group = torch.randn(4, 8, 5, generator=g), torch.randn(6, 8, generator=g), torch.tensor([2, 0, 2, 3, 3, 3])
-    want = torch.stack([x[n] @ w[group[n]] for n in range(len(x))])
-    torch.testing.assert_close(moe_module.rowwise_matmul(x, w, group), want)
-    got = moe_module.rowwise_matmul(x.bfloat16(), w.bfloat16(), group)  # fp32 sums, rounded once to bf16
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, (x.bfloat16().float()[:, None] @ w.bfloat16().float()[group])[:, 0].bfloat16())
-
-
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_compiled_cpu_decoding_moe_equals_dense(top_k):
     """Compiled without autograd on CPU, a few token slots (decoding) skip the dispatch: each slot runs through
-    its own expert (`rowwise_matmul`); more slots than ROWWISE_SLOTS take the per-expert products."""
+    its own expert (`kernels.experts.rowwise_matmul`); more slots than ROWWISE_SLOTS take the per-expert products."""
     cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": top_k})
     moe = MoE(cfg)
     moe.init_weights(0.2)
     compiled = torch.compile(moe, dynamic=False)
     with torch.inference_mode(), torch._dynamo.config.patch(capture_scalar_outputs=True):
-        for tokens in (1, 5, moe_module.ROWWISE_SLOTS // top_k + 1):
+        for tokens in (1, 5, expert_kernels.ROWWISE_SLOTS // top_k + 1):
             x = torch.randn(1, tokens, 32)
             got = compiled(x)
-            rowwise = tokens * top_k <= moe_module.ROWWISE_SLOTS
+            rowwise = tokens * top_k <= expert_kernels.ROWWISE_SLOTS
             assert (moe.tokens_per_expert is None) == rowwise  # (the dispatch counts tokens per expert)
             torch.testing.assert_close(got, dense_moe_reference(moe, x), atol=1e-5, rtol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights: the output in autocast's dtype, as eager
@@ -191,34 +168,6 @@ def test_compiled_cpu_decoding_moe_equals_dense(top_k):
             got, want = compiled(x), moe(x)
         assert got.dtype == want.dtype == torch.bfloat16
         assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
-
-
-@pytest.mark.parametrize("rows", [8, 100])
-def test_bf16_experts_compile_whole(rows):
-    """CPU bf16 experts trace as one graph (fullgraph: a graph break fails): decoding's few rows without autograd
-    (per-expert products of data-dependent sizes), and training's many rows with autograd (padded groups)."""
-    import torch._dynamo
-    experts = moe_module.ExpertMLP(8, 16, 24).bfloat16()
-    experts.init_weights(0.3)
-    counts = torch.tensor([rows // 2, 0, 1, 0, rows - rows // 2 - 2, 0, 1, 0])
-    x = torch.randn(rows, 16, dtype=torch.bfloat16)
-    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
-
-    def close(a, b):  # bf16: the compiled kernels round at other points than eager's ops
-        assert (a.float() - b.float()).norm() <= 0.02 * b.float().norm()
-
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        if rows < moe_module.FEW_ROWS:
-            with torch.no_grad():
-                close(compiled(x, counts), experts(x, counts))
-            return
-        x.requires_grad_()
-        got, want = compiled(x, counts), experts(x, counts)
-    close(got, want)
-    g = torch.randn_like(want)
-    params = [x, experts.gate_up_proj, experts.down_proj]
-    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, params, g)):
-        close(a, b)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 21])
@@ -236,23 +185,8 @@ def test_inference_dispatch_skips_empty_experts_and_equals_dense(tokens):
         else:
             assert tokens > 6 or (moe.tokens_per_expert == 0).any()  # 3 tokens, 6 experts: some are empty
         torch.testing.assert_close(out, dense_moe_reference(moe, x), atol=1e-5, rtol=1e-5)
-    assert moe_module.grouped_matmul(torch.empty(0, 32), moe.experts.down_proj.detach()[:, :32],
+    assert expert_kernels.grouped_matmul(torch.empty(0, 32), moe.experts.down_proj.detach()[:, :32],
                                      torch.zeros(6, dtype=torch.long)).shape == (0, 32)
-
-
-def test_padded_expert_groups_equal_unpadded_values_and_grads():
-    """CPU bf16 rounds expert groups up to 64 rows; the padding rows must not change any value or gradient."""
-    experts = moe_module.ExpertMLP(5, 16, 24)
-    experts.init_weights(0.3)
-    counts = torch.tensor([3, 0, 70, 1, 26])
-    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
-    params = [x, experts.gate_up_proj, experts.down_proj]
-    g = torch.randn(len(x), 16)
-    plain = experts._swiglu(x, counts, experts.gate_up_proj, experts.down_proj)
-    padded = experts._padded(x, counts, experts.gate_up_proj, experts.down_proj)
-    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-6)
-    for a, b in zip(torch.autograd.grad(padded, params, g), torch.autograd.grad(plain, params, g)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_balance_loss_off_by_default_and_differentiable_when_on():
@@ -281,39 +215,14 @@ def test_bf16_autocast_runs_and_stays_close():
     assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
 
 
-@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
-def test_bf16_attention_equals_sdpa_values_and_grads(mask_kind):
-    """The plain-products attention (CPU bf16, few scores) computes SDPA's function, with GQA and any mask."""
-    from llama4dpo.model.attention import bf16_attention
-    torch.manual_seed(0)
-    B, H, K, S, d = 2, 4, 2, 9, 8
-    q = torch.randn(B, H, S, d, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(B, K, S, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    mask = None
-    if mask_kind != "causal":  # causal, plus a hole per row (a key no query may see, except itself)
-        mask = (torch.ones(S, S, dtype=torch.bool).tril() & (torch.arange(S) != 3))[None, None].repeat(B, 1, 1, 1)
-        mask[:, :, 3, 3] = True
-        if mask_kind == "additive":
-            mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -torch.inf)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=0.3, enable_gqa=True)
-    got = bf16_attention(q, k, v, mask, 0.3)
-    torch.testing.assert_close(got, ref)
-    g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b)
-    low = bf16_attention(*(t.detach().bfloat16() for t in (q, k, v)), mask, 0.3)  # and in bf16, as it runs
-    assert low.dtype == torch.bfloat16 and (low.double() - ref).abs().max() < 0.05
-
-
 def test_cpu_bf16_attention_paths_agree(monkeypatch):
     """Under CPU bf16 autocast, few scores take the plain products, many take SDPA in fp32: the same logits."""
-    from llama4dpo.model import attention
     model = tiny()
     x = torch.randint(0, 50, (2, 12))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model(x).float()
-        monkeypatch.setattr(attention, "bf16_attention", None)  # any call to it would now fail
-        monkeypatch.setattr(attention, "SMALL_SCORES", 0)
+        monkeypatch.setattr(attention_kernels, "small_bf16_attention", None)  # any call to it would now fail
+        monkeypatch.setattr(attention_kernels, "SMALL_SCORES", 0)
         fused = model(x).float()
     assert (plain - fused).abs().max() < 0.05
 

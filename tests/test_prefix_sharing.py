@@ -9,7 +9,7 @@ import torch
 from llama4dpo import Config, LlamaModel, ModelConfig
 from llama4dpo.data import collate_preference, collate_preference_shared
 from llama4dpo.losses import shared_prompt_logps
-from llama4dpo.model.attention import shared_prefix_masks
+from llama4dpo.model.masks import shared_prefix_masks
 from llama4dpo.train.batches import ExampleBatches
 from llama4dpo.train.objectives import Preference, pair_logps, precompute_reference_logps, sequence_tokens
 from llama4dpo.train.trainer import Trainer

@@ -1,6 +1,7 @@
 """Llama 4 text model components, named as in the original notebook."""
 
-from .attention import Attention, KVCache
+from .attention import Attention
+from .cache import KVCache
 from .moe import MoE, ExpertMLP, FeedForward
 from .norm import RMSNorm
 from .rope import RotaryPositionalEmbedding

@@ -9,25 +9,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Attention, KVCache, attention_masks, shared_prefix_masks, take
+from .attention import Attention, take
+from .cache import KVCache
+from .masks import causal_masks, decode_masks, packed_masks, unpadded_masks
 from .moe import MoE, FeedForward
 from .norm import RMSNorm
 from .rope import RotaryPositionalEmbedding
-
-
-def _packed_masks(position_ids, segment_ids, chunk_size):
-    """`shared_prefix_masks`; on CPU in additive form (0 / -inf), on which CPU SDPA (run in fp32) is ~20% faster."""
-    masks = shared_prefix_masks(position_ids, segment_ids, chunk_size)
-    if position_ids.device.type == "cpu":
-        masks = tuple(None if m is None else torch.zeros(m.shape, device=m.device).masked_fill_(~m, -torch.inf)
-                      for m in masks)
-    return masks
-
-
-# On CPU the masks are built outside any compiled graph (a graph break under `train.compile`): compiled, inductor
-# fuses their construction (int64 compares, a floor division by the chunk size) into every layer's softmax kernel,
-# per score. Built once instead, the compiled bf16 DPO step ran 1.04-1.06x faster (A/B, 15m preset, same losses).
-_packed_masks_uncompiled = torch.compiler.disable(_packed_masks)
 
 
 class TransformerBlock(nn.Module):
@@ -111,8 +98,7 @@ class LlamaModel(nn.Module):
             else:
                 position_ids = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
         if segment_ids is not None:
-            build = _packed_masks_uncompiled if input_ids.device.type == "cpu" else _packed_masks
-            masks = build(position_ids, segment_ids, self.cfg.attention_chunk_size)
+            masks = packed_masks(position_ids, segment_ids, self.cfg.attention_chunk_size)
         else:
             masks = self._masks(position_ids, attention_mask, cache, S, last_position)
         rope = self.rotary_emb(position_ids)
@@ -141,20 +127,13 @@ class LlamaModel(nn.Module):
 
         The new token goes into slot `cache.slot` of the preallocated cache and attends over the whole cache
         under a mask of the filled slots. Every step then has the same shapes and reads no Python number
-        from a tensor (bar, on CPU beyond `moe.ROWWISE_SLOTS` token slots, the experts' row counts), so
+        from a tensor (bar, on CPU beyond `kernels.experts.ROWWISE_SLOTS` token slots, the experts' row counts), so
         `torch.compile(model.decode)` compiles once per batch size and cache length."""
-        B = input_ids.shape[0]
         slot = cache.slot
         position_ids = cache.positions.index_select(1, slot - 1) + 1          # (B, 1): one past each row's last
         cache.positions.index_copy_(1, slot, position_ids)
         cache.valid.index_fill_(1, slot, True)
-        filled = cache.valid & (torch.arange(cache.max_len, device=slot.device) <= slot)  # (B, max_len)
-        zeros = torch.zeros(B, 1, 1, cache.max_len, device=input_ids.device)  # additive masks: 0 or -inf
-        full = zeros.masked_fill(~filled[:, None, None, :], -torch.inf)
-        chunked = None
-        if (chunk := self.cfg.attention_chunk_size) is not None:
-            same = cache.positions // chunk == position_ids // chunk
-            chunked = zeros.masked_fill(~(filled & same)[:, None, None, :], -torch.inf)
+        full, chunked = decode_masks(cache.positions, cache.valid, slot, position_ids, self.cfg.attention_chunk_size)
         rope = self.rotary_emb(position_ids)
         x = self.embed_tokens(input_ids)
         cache.static = True
@@ -167,23 +146,17 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.norm(x[:, -1]))
 
     def _masks(self, position_ids, attention_mask, cache, S, last_position=None):
-        """(full, chunked) boolean masks, or None where SDPA's built-in causal mask is exact (training)."""
+        """(full, chunked) masks for rows with padding (attention_mask) and/or a cache, else `unpadded_masks`."""
         chunk = self.cfg.attention_chunk_size
         if cache is None and attention_mask is None:
-            if last_position is None and chunk is not None:
-                last_position = int(position_ids.max())  # (on a GPU, waits for the positions)
-            if chunk is None or last_position < chunk:  # nothing crosses a chunk boundary
-                return None, None
-            full, chunked = attention_masks(position_ids, position_ids, None, 0, chunk)
-            return None, chunked
+            return unpadded_masks(position_ids, chunk, last_position)
         if cache is None:
-            valid = attention_mask.bool()
-            return attention_masks(position_ids, position_ids, valid, 0, chunk)
+            return causal_masks(position_ids, position_ids, attention_mask.bool(), 0, chunk)
         past = cache.length
         end = past + S
         cache.positions[:, past:end] = position_ids
         cache.valid[:, past:end] = attention_mask[:, past:end].bool() if attention_mask is not None else True
-        return attention_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], past, chunk)
+        return causal_masks(position_ids, cache.positions[:, :end], cache.valid[:, :end], past, chunk)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.cfg, batch_size, max_len, self.embed_tokens.weight.device, self.cache_dtype())
