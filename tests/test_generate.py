@@ -8,6 +8,7 @@ import torch
 from llama4dpo import LlamaModel, ModelConfig
 from llama4dpo.errors import UserError
 from llama4dpo.generate import Sampling, filter_top_k, filter_top_p, generate_ids
+from llama4dpo.runtime import Decoder
 
 CFG = dict(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
            num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=4,
@@ -131,50 +132,53 @@ def test_decode_step_equals_forward_with_cache(top_k):
 def test_compiled_decoding_gives_the_eager_tokens(model):
     s = Sampling(max_new_tokens=12)
     # the third batch reuses the first one's cache (same batch size and cache length), now with other prompts
+    decoder = Decoder(model)
     for prompts in (PROMPTS, PROMPTS[:1], [PROMPTS[1], PROMPTS[0], PROMPTS[1]]):
-        assert gen(model, prompts, s, compile=True) == gen(model, prompts, s)
-    assert len(model.__dict__["_static_caches"]) == 2
+        assert gen(model, prompts, s, compile=True, decoder=decoder) == gen(model, prompts, s)
+    assert len(decoder._caches) == 2
     # a generation started from inside another one's token callback (same shape) leaves the outer one intact
-    want = gen(model, PROMPTS[:1], s, compile=True)
-    got = gen(model, PROMPTS[:1], s, compile=True, on_token=lambda i, t: gen(model, [PROMPTS[2]], s, compile=True))
+    want = gen(model, PROMPTS[:1], s, compile=True, decoder=decoder)
+    nested = lambda i, t: gen(model, [PROMPTS[2]], s, compile=True, decoder=decoder)  # noqa: E731
+    got = gen(model, PROMPTS[:1], s, compile=True, decoder=decoder, on_token=nested)
     assert got == want
     # on CPU the weights are compiled in as constants: weights changed in place are seen (the step compiles again)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
-    assert gen(model, PROMPTS, s, compile=True) == gen(model, PROMPTS, s) != want
+    assert gen(model, PROMPTS, s, compile=True, decoder=decoder) == gen(model, PROMPTS, s) != want
     # ... which drops every model's compiled code: a second model's step, which skips guard evaluation for
     # shapes it has run, compiles again
     other = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=5).eval()
-    assert gen(other, PROMPTS[:1], s, compile=True) == gen(other, PROMPTS[:1], s)
+    other_decoder = Decoder(other)
+    assert gen(other, PROMPTS[:1], s, compile=True, decoder=other_decoder) == gen(other, PROMPTS[:1], s)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
-    assert gen(model, PROMPTS, s, compile=True) == gen(model, PROMPTS, s)
-    assert gen(other, PROMPTS[:1], s, compile=True) == gen(other, PROMPTS[:1], s)
+    assert gen(model, PROMPTS, s, compile=True, decoder=decoder) == gen(model, PROMPTS, s)
+    assert gen(other, PROMPTS[:1], s, compile=True, decoder=other_decoder) == gen(other, PROMPTS[:1], s)
 
 
 def test_a_reused_static_cache_decodes_as_a_fresh_one():
-    """static_cache hands out the same tensors for the same shape, emptied: what the last generation left in
+    """Decoder.cache hands out the same tensors for the same shape, emptied: what the last generation left in
     them (here even NaN values) must not reach the next one; a nested use of the same shape gets its own."""
-    from llama4dpo.generate import static_cache
     model = LlamaModel(ModelConfig(**CFG, initializer_range=0.2)).init_weights(seed=3).eval()
+    static_cache = Decoder(model).cache
     long_ids, short_ids = torch.tensor([PROMPTS[2]]), torch.tensor([PROMPTS[1]])
     with torch.inference_mode():
-        with static_cache(model, 1, 32) as first:
+        with static_cache(1, 32) as first:
             model(long_ids, cache=first)
             for t in range(8):
                 model.decode(torch.tensor([[t + 3]]), first)
-            with static_cache(model, 1, 32) as nested:
+            with static_cache(1, 32) as nested:
                 assert nested is not first
             for v in first.v:
                 v.fill_(float("nan"))
-        with static_cache(model, 1, 32) as again:
+        with static_cache(1, 32) as again:
             assert again is first and again.length == 0
             fresh = model.new_cache(1, 32)
             model(short_ids, cache=again), model(short_ids, cache=fresh)
             for t in range(4):
                 torch.testing.assert_close(model.decode(torch.tensor([[t + 5]]), again),
                                            model.decode(torch.tensor([[t + 5]]), fresh), atol=0, rtol=0)
-        with static_cache(model, 2, 32) as other:
+        with static_cache(2, 32) as other:
             assert other is not first
 
 def test_decode_on_a_rewound_cache_sees_no_stale_slots_and_a_full_cache_is_an_error():

@@ -122,7 +122,7 @@ def checkpoint_arg(path: str):
 def _model_and_tokenizer(path):
     from .checkpoint import load_model, load_tokenizer
     from .train.recipes import resolve_checkpoint
-    from .train.trainer import resolve_device
+    from .runtime import resolve_device
 
     path = resolve_checkpoint(path)
     return load_model(path, resolve_device("auto")), load_tokenizer(path)

@@ -6,15 +6,15 @@ is masked from attention (see LlamaModel.forward), so batched generation equals 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
 from . import resources
 from .errors import UserError
+from .runtime import Decoder
 
 
 @dataclass
@@ -68,103 +68,14 @@ def next_token(logits: torch.Tensor, s: Sampling, generator: torch.Generator | N
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def compiled_decode(model) -> Callable:
-    """`model.decode` through torch.compile, made once per model and device (it recompiles for a new batch size
-    or cache length). On CPU with inductor's C++ wrapper, which drops the per-kernel Python calls; on CUDA as CUDA
-    graphs (mode "reduce-overhead"), which drop the kernel launches: the cache then comes from `static_cache`."""
-    import torch._dynamo
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    made = model.__dict__.setdefault("_compiled_decode", {})
-    # On CPU the weights are compiled in as constants ("freezing": oneDNN gets them prepacked; batch 8 decoded
-    # ~1.2x faster in A/B runs here), and products of one input are concatenated into one (e.g. q/k/v): each
-    # oneDNN call costs ~14 us however small; batch 1 decoded 1.16-1.20x faster.
-    # The step must then compile again when the weights change (updated in place, loaded): torch.compile keeps
-    # compiled code per function and would reuse it, so all of it is dropped.
-    weights = None if cuda else [(t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers())]
-    if device in made:
-        fn, compiled_weights = made[device]
-        if weights == compiled_weights:
-            return fn
-        torch._dynamo.reset()
-    if cuda:
-        compiled = torch.compile(model.decode, dynamic=False, mode="reduce-overhead")
-    else:
-        compiled = torch.compile(model.decode, dynamic=False, options={"cpp_wrapper": True})
-
-    # On CPU, once a step has run with given shapes and modes, its later calls skip guard evaluation (dynamo then
-    # only tells its compiled variants apart): profiled at batch 8, dynamo's cache lookup 228 -> 45 us a step.
-    # The weights, which the guards would also check, are checked above. Not on CUDA, where it is untested.
-    seen = set()
-
-    def run(tokens, cache, skip_guards: bool):
-        if cuda:  # the last step's outputs (read already) may be overwritten by this replay
-            torch.compiler.cudagraph_mark_step_begin()
-        if skip_guards:  # nothing compiles on this path (code dropped meanwhile raises): no config patches,
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # ~33 us a step saved
-                return compiled(tokens, cache)
-        with (torch._dynamo.config.patch(capture_scalar_outputs=True),  # experts' row counts, in the graph
-              torch._inductor.config.patch({"freezing": not cuda, "cpp.enable_concat_linear": not cuda}),
-              torch.compiler.set_stance("default")):
-            return compiled(tokens, cache)
-
-    def fn(tokens: torch.Tensor, cache) -> torch.Tensor:
-        key = None if cuda else (tokens.shape, cache.k[0].shape, cache.k[0].dtype, model.training,
-                                 torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-                                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        try:
-            if key in seen:
-                try:
-                    return run(tokens, cache, skip_guards=True)
-                except RuntimeError as e:  # its compiled code was dropped meanwhile (another model's reset)
-                    if "skip_guard_eval_unsafe" not in str(e):
-                        raise
-            out = run(tokens, cache, skip_guards=False)
-            if key is not None:
-                seen.add(key)
-            return out
-        except (torch._dynamo.exc.TorchDynamoException, GuardOnDataDependentSymNode) as e:
-            # e.g. no C++ compiler on this machine, or a shape torch.compile cannot trace on this device
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"torch.compile failed ({first[:200]}); generate without --compile") from None
-    made[device] = fn, weights
-    return fn
-
-
-@contextlib.contextmanager
-def static_cache(model, batch_size: int, max_len: int) -> Iterator:
-    """An empty KV cache for the compiled step, the same tensors at every use of a batch size, length, dtype and
-    device, so that the step neither recompiles nor (on CUDA) records its graph again. On CUDA its tensors are
-    marked as static addresses, which CUDA graphs need to update them in place. Taken while in use: a nested or
-    concurrent generation of the same shape gets a cache of its own. The model keeps one per shape (small next
-    to it)."""
-    import torch._dynamo
-    caches = model.__dict__.setdefault("_static_caches", {})
-    key = (batch_size, max_len, model.cache_dtype(), model.embed_tokens.weight.device)
-    cache = caches.pop(key, None)
-    if cache is None:
-        cache = model.new_cache(batch_size, max_len)
-        if key[-1].type == "cuda":  # (not on CPU: the step compiled there freezes static inputs as constants)
-            for t in (*cache.k, *cache.v, cache.positions, cache.valid, cache.slot):
-                torch._dynamo.mark_static_address(t)
-    else:  # emptied as new: a masked slot still multiplies its value by 0 (a NaN left there would spread)
-        for t in (*cache.k, *cache.v, cache.positions, cache.valid, cache.slot):
-            t.zero_()
-    try:
-        yield cache
-    finally:
-        caches[key] = cache
-
-
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int | None = None, pad_id: int,
                  use_cache: bool = True, on_token: Callable[[int, int], None] | None = None, compile: bool = False,
-                 stop_ids: Iterable[int] | None = None) -> list[list[int]]:
+                 stop_ids: Iterable[int] | None = None, decoder: Decoder | None = None) -> list[list[int]]:
     """New token ids per prompt (the stop token, when produced, included): a row stops at `eos_id` or at any
     of `stop_ids` (e.g. `tokenizer.stop_ids`: eos and a chat template's end-of-turn token). `on_token(row, id)`
-    streams. With `compile`, decoding steps run `torch.compile(model.decode)` (the first call compiles)."""
+    streams. With `compile`, decoding steps run `torch.compile(model.decode)` through `decoder` (a new
+    `runtime.Decoder` if none is given; pass one to reuse its compiled step and caches across calls)."""
     stops = frozenset(({eos_id} if eos_id is not None else set()) | set(map(int, stop_ids or ())))
     if not stops:
         raise ValueError("generate_ids needs eos_id or stop_ids")
@@ -197,8 +108,9 @@ def generate_ids(model, prompts: list[list[int]], s: Sampling, *, eos_id: int | 
     if not use_cache:
         return _sample(model, ids, mask, None, None, s, generator, stops, pad_id, on_token)
     if compile:
-        with static_cache(model, B, max_len) as cache:
-            return _sample(model, ids, mask, cache, compiled_decode(model), s, generator, stops, pad_id, on_token)
+        decoder = decoder or Decoder(model)
+        with decoder.cache(B, max_len) as cache:
+            return _sample(model, ids, mask, cache, decoder.step, s, generator, stops, pad_id, on_token)
     return _sample(model, ids, mask, model.new_cache(B, max_len), model.decode, s, generator, stops, pad_id,
                    on_token)
 
@@ -243,11 +155,12 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, *, use_cache: bo
     from .data.prepare import encode_prompts
 
     texts = []
+    decoder = Decoder(model) if compile else None  # (one compiled step for every batch)
     for lo in range(0, len(prompts), batch_size):
         chunk = encode_prompts(tokenizer, prompts[lo:lo + batch_size])
         on_token = _streamer(tokenizer, stream) if stream is not None and len(prompts) == 1 else None
         for ids in generate_ids(model, chunk, s, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                use_cache=use_cache, on_token=on_token, compile=compile,
+                                use_cache=use_cache, on_token=on_token, compile=compile, decoder=decoder,
                                 stop_ids=getattr(tokenizer, "stop_ids", None)):
             texts.append(cut_at_stop(tokenizer.decode(ids), s.stop))
     return texts

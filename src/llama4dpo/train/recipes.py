@@ -21,7 +21,8 @@ from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
 from .run_dir import holds_run_dir, prepare_run_dir, release_run_dir
-from .trainer import Trainer, autocast, check_compile_mode, resolve_device
+from ..runtime import autocast, resolve_device
+from .trainer import Trainer, check_compile_mode
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -220,7 +221,7 @@ def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str 
             dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
     if cfg.dpo.precompute_ref:
         # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
-        with autocast(cfg.train, device):
+        with autocast(cfg.train.precision, device):
             train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
             eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
         objective = Preference(cfg.dpo, reference_logps=train_logps)

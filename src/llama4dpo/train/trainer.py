@@ -20,6 +20,7 @@ import torch._functorch.config
 from ..config import CUDA_GRAPH_MODES, Config, TrainConfig
 from ..errors import UserError
 from ..faults import fault_point
+from ..runtime import autocast
 from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
 from .objectives import read_values, sequence_tokens
@@ -56,18 +57,6 @@ def make_optimizer(model, t: TrainConfig, device: torch.device) -> torch.optim.A
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type in ("cuda", "cpu"))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(t: TrainConfig, device: torch.device):
-    if t.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def memory_budget(t: TrainConfig):
@@ -161,7 +150,7 @@ class Trainer:
         tokens = sum(sequence_tokens(b) for b in micro)
         for i, batch in enumerate(micro):
             batch = to_device(batch, self.device)
-            with (self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t, self.device),
+            with (self.dist.grad_sync(self.engine, sync=i == len(micro) - 1), autocast(t.precision, self.device),
                   memory_budget(t)):
                 out = self.objective(self.engine, batch)
                 loss = out.loss_sum * world / total
@@ -239,7 +228,7 @@ class Trainer:
             batch = to_device(batch, self.device)
             if self.cuda_graphs:  # (the last batch's outputs are read: dead)
                 torch.compiler.cudagraph_mark_step_begin()
-            with autocast(self.t, self.device):  # every rank evaluates every batch: no reduction needed
+            with autocast(self.t.precision, self.device):  # every rank evaluates every batch: no reduction needed
                 out = self.eval_objective(self.model, batch)  # (FSDP2 shards the model in place)
             n, metrics = out.values()
             units += n
