@@ -170,7 +170,7 @@ HOSTILE = {
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_template_is_one_line_user_error(name, monkeypatch):
-    monkeypatch.setattr(chat_template, "TIME_LIMIT_S", 0.3)  # the loops that write nothing stop on time
+    monkeypatch.setattr(chat_template.limits, "TIME_LIMIT_S", 0.3)  # the loops that write nothing stop on time
     with pytest.raises(UserError) as e:
         render_chat(HOSTILE[name], [{"role": "user", "content": "hi"}], add_generation_prompt=True,
                     bos_token="<s>", eos_token="</s>")
