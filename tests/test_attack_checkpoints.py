@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from llama4dpo.checkpoint import write_manifest
 from llama4dpo.cli import main
-from llama4dpo.train.state import checkpoint_dirs
+from llama4dpo.checkpoint.state import checkpoint_dirs
 
 from _attack import one_line_error, pretrain
 

@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from llama4dpo.checkpoint import verify_manifest
-from llama4dpo.train import state as state_module
-from llama4dpo.train.state import checkpoint_dirs
+from llama4dpo.checkpoint import state as state_module
+from llama4dpo.checkpoint.state import checkpoint_dirs
 from llama4dpo.train.trainer import Trainer
 
 from _attack import one_line_error, pretrain

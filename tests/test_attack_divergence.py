@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama4dpo.train.state import checkpoint_dirs
+from llama4dpo.checkpoint.state import checkpoint_dirs
 from llama4dpo.train.trainer import Trainer
 
 from _attack import one_line_error, pretrain

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from llama4dpo.cli import main
-from llama4dpo.train import run_dir as run_dir_module
+from llama4dpo.checkpoint import run_dir as run_dir_module
 
 from _attack import one_line_error, pretrain, tree_hash
 

@@ -21,7 +21,7 @@ from llama4dpo import load_model
 from llama4dpo.checkpoint import verify_manifest
 from llama4dpo.cli import main
 from llama4dpo.train.metrics import TIMING_KEYS, read_metrics
-from llama4dpo.train.state import checkpoint_dirs
+from llama4dpo.checkpoint.state import checkpoint_dirs
 
 STEPS, SAVE, EVAL, LOG = 40, 4, 6, 2
 ARGS = ["--config", "tiny", "--data", "builtin:assistant", "--quiet", f"train.max_steps={STEPS}",

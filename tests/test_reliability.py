@@ -13,8 +13,8 @@ from llama4dpo import load_model
 from llama4dpo.checkpoint import verify_manifest
 from llama4dpo.cli import main
 from llama4dpo.errors import UserError
-from llama4dpo.train import state as state_module
-from llama4dpo.train.state import checkpoint_dirs
+from llama4dpo.checkpoint import state as state_module
+from llama4dpo.checkpoint.state import checkpoint_dirs
 
 COMMON = ["--config", "tiny", "--data", "builtin:assistant", "--quiet"]
 

@@ -111,7 +111,7 @@ def checkpoint_arg(path: str):
     """A CKPT argument: a checkpoint directory, or a run directory (its final/, else its latest checkpoint).
     Anything else is returned as given, so that loading it names what is wrong (no such directory, ...)."""
     from .errors import UserError
-    from .train.recipes import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(path)
@@ -121,7 +121,7 @@ def checkpoint_arg(path: str):
 
 def _model_and_tokenizer(path):
     from .checkpoint import load_model, load_tokenizer
-    from .train.recipes import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
     from .runtime import resolve_device
 
     path = resolve_checkpoint(path)
@@ -217,7 +217,7 @@ def _eval_config(args):
     limited its training set: it must not silently shorten the scored file, so only --max-samples (or an
     explicit data.max_samples=N override) limits it."""
     from .checkpoint import load_config
-    from .train.recipes import resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
 
     cfg = load_config(resolve_checkpoint(args.model))
     cfg.data.max_samples = None

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, save_model, write_error_cause
+from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model, write_error_cause
 from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
@@ -20,24 +20,9 @@ from ..resources import check_training
 from .batches import ExampleBatches, StreamBatches
 from .distributed import Dist
 from .objectives import LanguageModeling, Preference, precompute_reference_logps
-from .run_dir import holds_run_dir, prepare_run_dir, release_run_dir
+from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..runtime import autocast, resolve_device
 from .trainer import Trainer, check_compile_mode
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, or a run directory (its final/ or its latest checkpoint)."""
-    from .state import checkpoint_dirs
-
-    path = Path(path)
-    if (path / WEIGHTS).is_file():
-        return path
-    if (path / "final" / WEIGHTS).is_file():
-        return path / "final"
-    found = checkpoint_dirs(path)
-    if found:
-        return found[-1]
-    raise UserError(f"{path}: not a checkpoint or run directory (no {WEIGHTS})")
 
 
 def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:

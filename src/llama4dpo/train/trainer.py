@@ -24,7 +24,7 @@ from ..runtime import autocast
 from .distributed import Dist, grad_norm_value
 from .metrics import MetricsLog, truncate_metrics
 from .objectives import read_values, sequence_tokens
-from .state import last_checkpoint, load_training_checkpoint, save_training_checkpoint
+from ..checkpoint.state import last_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 
 class TrainingDiverged(UserError):

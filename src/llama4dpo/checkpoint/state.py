@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (WEIGHTS, WriteError, atomic_dir, check_finite, read_weights, verify_manifest,
-                          write_model_files)
+from .files import WEIGHTS, WriteError, atomic_dir, verify_manifest
+from .model import check_finite, read_weights, write_model_files
 from ..errors import UserError
 from ..faults import fault_point
 

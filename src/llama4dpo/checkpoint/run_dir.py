@@ -22,9 +22,9 @@ import socket
 import stat
 from pathlib import Path
 
-from ..checkpoint import read_json
 from ..config import Config
 from ..errors import UserError
+from .files import WEIGHTS, read_json
 from .state import checkpoint_dirs, latest_good_checkpoint
 
 # Keys a resumed run may change: they do not alter what the checkpoint holds.
@@ -209,3 +209,16 @@ def release_run_dir(out: Path) -> None:
         except OSError:
             pass
         os.close(fd)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, or a run directory (its final/ or its latest checkpoint)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        return path
+    if (path / "final" / WEIGHTS).is_file():
+        return path / "final"
+    found = checkpoint_dirs(path)
+    if found:
+        return found[-1]
+    raise UserError(f"{path}: not a checkpoint or run directory (no {WEIGHTS})")
