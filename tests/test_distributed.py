@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llama4dpo.train.metrics import read_metrics
+from llama4dpo.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -127,7 +127,7 @@ def test_batch_that_does_not_split_across_processes_is_one_line_error(single, tm
 # ---- in-process checks of the pieces ---------------------------------------------------------------------
 def test_rank_slices_of_a_step_are_the_one_process_batch():
     from llama4dpo.data.lm import TokenStream
-    from llama4dpo.train.batches import ExampleBatches, StreamBatches
+    from llama4dpo.data.batches import ExampleBatches, StreamBatches
     from llama4dpo.train.distributed import Dist
 
     examples = [{"i": i} for i in range(11)]
@@ -151,9 +151,9 @@ def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(tmp_path, monke
     buckets per optimizer step is the same with 4 micro-batches as with 1."""
     from llama4dpo import Config, LlamaModel
     from llama4dpo.data import collate_sft
-    from llama4dpo.train.batches import ExampleBatches
+    from llama4dpo.data.batches import ExampleBatches
     from llama4dpo.train.distributed import Dist
-    from llama4dpo.train.objectives import LanguageModeling
+    from llama4dpo.objectives import LanguageModeling
     from llama4dpo.train.trainer import Trainer
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from llama4dpo import load_model
 from llama4dpo.checkpoint import verify_manifest
 from llama4dpo.cli import main
-from llama4dpo.train.metrics import TIMING_KEYS, read_metrics
+from llama4dpo.metrics import TIMING_KEYS, read_metrics
 from llama4dpo.checkpoint.state import checkpoint_dirs
 
 STEPS, SAVE, EVAL, LOG = 40, 4, 6, 2

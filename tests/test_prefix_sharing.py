@@ -10,8 +10,8 @@ from llama4dpo import Config, LlamaModel, ModelConfig
 from llama4dpo.data import collate_preference, collate_preference_shared
 from llama4dpo.losses import shared_prompt_logps
 from llama4dpo.model.masks import shared_prefix_masks
-from llama4dpo.train.batches import ExampleBatches
-from llama4dpo.train.objectives import Preference, pair_logps, precompute_reference_logps, sequence_tokens
+from llama4dpo.data.batches import ExampleBatches
+from llama4dpo.objectives import Preference, pair_logps, precompute_reference_logps, sequence_tokens
 from llama4dpo.train.trainer import Trainer
 
 # chunked RoPE layers with a chunk of 4 (rows cross several boundaries), NoPE layers with temperature tuning,

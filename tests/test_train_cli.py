@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama4dpo.cli import main
-from llama4dpo.train.metrics import TIMING_KEYS, read_metrics
+from llama4dpo.metrics import TIMING_KEYS, read_metrics
 
 TINY = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 

@@ -8,8 +8,8 @@ import torch
 from llama4dpo import Config, LlamaModel
 from llama4dpo.data import collate_sft
 from llama4dpo.errors import ConfigError
-from llama4dpo.train.batches import ExampleBatches
-from llama4dpo.train.objectives import EAGER, LanguageModeling
+from llama4dpo.data.batches import ExampleBatches
+from llama4dpo.objectives import EAGER, LanguageModeling
 from llama4dpo.train.trainer import Trainer, TrainingDiverged, lr_at, make_optimizer
 
 CFG = ["model.vocab_size=20", "train.lr=1e-2", "train.warmup_steps=0", "train.grad_clip=0"]
@@ -158,7 +158,7 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
     it, a graph replay would overwrite outputs the step still reads). Recorded, not compiled: fast."""
     from llama4dpo.config import DPOConfig
     from llama4dpo.data.collate import collate_preference_shared
-    from llama4dpo.train.objectives import Preference
+    from llama4dpo.objectives import Preference
     modes, marks = [], []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(("model", kw.get("mode"))))
     monkeypatch.setattr(torch, "compile", lambda f, **kw: modes.append(("fn", kw.get("mode"))) or f)
@@ -220,7 +220,7 @@ def test_compiled_dpo_on_packed_rows_gives_the_eager_losses(tmp_path):
     rows are built outside the compiled graph on CPU (a graph break); the compiled step computes the eager one."""
     from llama4dpo.config import DPOConfig
     from llama4dpo.data.collate import collate_preference_shared
-    from llama4dpo.train.objectives import Preference
+    from llama4dpo.objectives import Preference
     g = torch.Generator().manual_seed(1)
     pairs = [{"prompt_ids": [1] + torch.randint(4, 20, (2 + i % 3,), generator=g).tolist(),
               "chosen_ids": torch.randint(4, 20, (1 + i % 4,), generator=g).tolist() + [2],

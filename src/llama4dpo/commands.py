@@ -70,26 +70,34 @@ def _config(args):
 
 
 def cmd_pretrain(args) -> int:
-    from .train.recipes import run_pretrain
-
-    run_pretrain(_config(args), args.data, args.out, overwrite=args.overwrite, resume=args.resume, show=not args.quiet)
-    return 0
+    return _train("pretrain", args, None, None)
 
 
 def cmd_sft(args) -> int:
-    from .train.recipes import run_sft
-
-    run_sft(_config(args), args.data, args.out, args.init, overwrite=args.overwrite, resume=args.resume,
-            show=not args.quiet)
-    return 0
+    return _train("sft", args, args.init, None)
 
 
 def cmd_dpo(args) -> int:
-    from .train.recipes import run_dpo
+    return _train("dpo", args, args.init, args.ref)
 
-    run_dpo(_config(args), args.data, args.out, args.init, args.ref, overwrite=args.overwrite, resume=args.resume,
-            show=not args.quiet)
+
+def _train(stage: str, args, init, ref) -> int:
+    from .train.recipes import run
+
+    run(stage, _config(args), args.data, args.out, init, ref, overwrite=args.overwrite, resume=args.resume,
+        show=not args.quiet)
+    plot_finished_run(args.out)
     return 0
+
+
+def plot_finished_run(out) -> None:
+    """A finished run's plots (OUT/plots), drawn once: by the main process under torchrun."""
+    import os
+
+    from .plot import plot_run
+
+    if os.environ.get("RANK", "0") == "0":
+        plot_run(out)
 
 
 def cmd_plot(args) -> int:

@@ -25,7 +25,8 @@ STAGES = {"pretrain": [], "sft": ["train.max_steps=150", "train.lr=1e-3", "train
 def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False) -> dict:
     from .checkpoint import load_model, load_tokenizer
     from .data import load_preference_data
-    from .train.recipes import run_dpo, run_pretrain, run_sft
+    from .commands import plot_finished_run
+    from .train.recipes import run
 
     out = Path(out)
     scale = ["train.max_steps=30"] if quick else []
@@ -37,9 +38,9 @@ def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False)
           f"  4. evaluate reference vs policy on held-out prompts with the task's ground-truth reward\n"
           f"  Expect about 5 minutes on a 2-core CPU.\n", flush=True)
     cfg = lambda stage: Config.load("demo", [*STAGES[stage], *overrides, *scale])  # noqa: E731
-    run_pretrain(cfg("pretrain"), SOURCE, out / "pretrain", overwrite=True)
-    run_sft(cfg("sft"), SOURCE, out / "sft", out / "pretrain", overwrite=True)
-    run_dpo(cfg("dpo"), SOURCE, out / "dpo", out / "sft", overwrite=True)
+    for stage, init in (("pretrain", None), ("sft", out / "pretrain"), ("dpo", out / "sft")):
+        run(stage, cfg(stage), SOURCE, out / stage, init, overwrite=True)
+        plot_finished_run(out / stage)
 
     print("\nevaluating on held-out prompts...", flush=True)
     policy, reference = load_model(out / "dpo" / "final"), load_model(out / "sft" / "final")

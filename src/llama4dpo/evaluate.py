@@ -19,8 +19,8 @@ from .data.chat import ASSISTANT, HUMAN, has_template, parse_transcript, templat
 from .data.prepare import encode_prompts
 from .generate import Sampling, generate, generate_ids
 from .losses import sequence_logps
-from .train.batches import ExampleBatches
-from .train.objectives import Preference, pair_logps
+from .data.batches import ExampleBatches
+from .objectives import Preference, pair_logps
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
-from .train.metrics import read_metrics
+from .metrics import read_metrics
 
 PANELS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
           "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_s"]

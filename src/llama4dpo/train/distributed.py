@@ -63,11 +63,6 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def check_batch(self, batch_size: int, accum: int) -> None:
-        if batch_size % (accum * self.world):
-            raise UserError(f"train.batch_size={batch_size} must be divisible by grad_accum_steps x processes "
-                            f"= {accum} x {self.world}")
-
     def close(self) -> None:
         """Leave the process group together (a rank leaving alone can hang its peer's teardown)."""
         if self.enabled and dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Recipes: wire data, model, objective and the one Trainer together for pretrain, sft and dpo."""
+"""The recipe: `run(stage, ...)` wires data, model, objective and the one Trainer together for pretrain, sft and dpo."""
 
 from __future__ import annotations
 
@@ -12,23 +12,26 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model, write_error_cause
-from ..config import Config
+from ..checkpoint import (WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model,
+                          write_error_cause)
+from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
+from ..config import Config, TrainConfig
+from ..data import (check_context, collate_sft, load_preference_data, load_token_streams, preference_collator,
+                    training_texts)
+from ..data.batches import ExampleBatches, StreamBatches
 from ..errors import UserError
 from ..model import LlamaModel
+from ..objectives import LanguageModeling, Preference, precompute_reference_logps
 from ..resources import check_training
-from .batches import ExampleBatches, StreamBatches
-from .distributed import Dist
-from .objectives import LanguageModeling, Preference, precompute_reference_logps
-from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..runtime import autocast, resolve_device
+from ..tokenizer import build_tokenizer, load_tokenizer as load_tokenizer_file
+from .distributed import Dist
 from .trainer import Trainer, check_compile_mode
 
 
 def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
     """Join torchrun's process group if there is one; only rank 0 prints."""
     dist = Dist.from_env(cfg.distributed.strategy, cfg.train.device)
-    dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum_steps)
     check_compile_mode(cfg.train, dist)
     if dist.enabled and show and dist.is_main:
         print(f"{dist.world} processes, {dist.strategy}; batch_size {cfg.train.batch_size} is the global batch")
@@ -36,8 +39,6 @@ def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
 
 
 def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> Path:
-    from ..plot import plot_run
-
     state = trainer.dist.model_state(trainer.model)  # every rank takes part (FSDP2 gathers shards)
 
     def write():
@@ -45,11 +46,10 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
             final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
         except UserError as e:  # (a write error, or a NaN the checks before could not see)
             raise UserError(f"{e}; stopped. Last good checkpoint: {trainer.latest_checkpoint()}") from None
-        plot_run(out)
         return final
     final = trainer.dist.on_main(write)
     if show:
-        print(f"done: {final} (metrics: {out / 'metrics.jsonl'}, plots: {out / 'plots'})")
+        print(f"done: {final} (metrics: {out / 'metrics.jsonl'})")
     trainer.engine = trainer.model  # drop the DDP wrapper (and its hold on the process group) first
     trainer.dist.close()
     return final
@@ -69,62 +69,129 @@ def releases_run_dir(run):
     return wrapper
 
 
-def _start(trainer: Trainer, resume_from: Path | None) -> None:
-    if resume_from is not None:
-        trainer.resume(resume_from)
+STAGES = ("pretrain", "sft", "dpo")
 
 
 @releases_run_dir
-def run_pretrain(cfg: Config, data: str, out: str | Path, *, overwrite=False, resume=False, show=True) -> Path:
-    from ..data import load_token_streams, training_texts
-    from ..tokenizer import build_tokenizer, load_tokenizer as load_tok
+def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | None = None,
+        ref: str | Path | None = None, *, overwrite=False, resume=False, show=True) -> Path:
+    """Train one stage into the run directory `out` and return its final checkpoint.
 
+    pretrain: a new model, and a tokenizer built from `data`'s text, trained on its token stream.
+    sft:      the checkpoint `init` trained on the chosen responses of `data`'s pairs.
+    dpo:      the checkpoint `init` trained on `data`'s pairs against the reference `ref` (default: `init`).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     out = Path(out)
     dist, device, show = _setup(cfg, show)
+    micro, rows = batch_plan(cfg.train, dist)
+    if stage == "pretrain":
+        tokenizer, inputs = _new_tokenizer(cfg, data, out, overwrite, dist), {"command": stage, "data": data}
+    else:
+        init, cfg, tokenizer = _init_from(cfg, init)
+        ref = resolve_checkpoint(ref) if ref is not None else init
+        inputs = {"command": stage, "data": data, "init": init.resolve(),
+                  **({"ref": ref.resolve()} if stage == "dpo" else {})}
+    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref,
+                   command=stage, world_size=dist.world,
+                   sharded=dist.strategy == "fsdp")
+    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume, inputs=inputs)
+    dist.on_main(_save_tokenizer, out, tokenizer)
+    if stage == "pretrain":
+        model, objective, eval_objective, train, evals = _pretrain_parts(cfg, data, tokenizer, micro, rows, device, show)
+    else:
+        pdata = _preference_data(cfg, data, out, tokenizer, show, dist, sft=stage == "sft")
+        torch.manual_seed(cfg.train.seed)
+        model = load_model(init, device)
+        collate = collate_sft if stage == "sft" else preference_collator(cfg.dpo.share_prompt)
+        collate = functools.partial(collate, pad_id=tokenizer.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, rows)
+        evals = (ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches)
+                 if len(pdata.eval) else None)
+        if stage == "sft":
+            objective = eval_objective = LanguageModeling()
+        else:
+            objective, eval_objective = _preference_objectives(cfg, model, init, ref, train, evals, pdata, out,
+                                                               device, dist)
+    trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
+                      eval_objective=eval_objective, dist=dist)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    trainer.fit()
+    return _finish(trainer, out, cfg, tokenizer, show)
+
+
+def batch_plan(t: TrainConfig, dist: Dist) -> tuple[int, slice]:
+    """The global batch split once: (rows of one micro-batch over all processes, this process's share of them).
+    batch_size must divide into grad_accum_steps micro-batches of equal rows on every process."""
+    if t.batch_size % (t.grad_accum_steps * dist.world):
+        raise UserError(f"train.batch_size={t.batch_size} must be divisible by grad_accum_steps x processes "
+                        f"= {t.grad_accum_steps} x {dist.world}")
+    micro = t.batch_size // t.grad_accum_steps
+    return micro, dist.rows(micro)
+
+
+def _new_tokenizer(cfg: Config, data: str, out: Path, overwrite: bool, dist: Dist):
+    """Pretraining's tokenizer, built from the data (or the resumed run's own); the model's vocabulary and
+    special ids follow it."""
     if (out / "tokenizer.json").is_file() and not overwrite:
-        tokenizer = load_tok(out / "tokenizer.json")  # a resumed run keeps its tokenizer
+        tokenizer = load_tokenizer_file(out / "tokenizer.json")  # a resumed run keeps its tokenizer
     else:
         tokenizer = build_tokenizer(cfg.data.tokenizer, training_texts(data, cfg.data), cfg.data.bpe_vocab_size)
     m = cfg.model
     m.vocab_size, m.pad_token_id, m.bos_token_id, m.eos_token_id = (
         tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     cfg.validate()
-    check_training(cfg, device, reference=False, world_size=dist.world, sharded=dist.strategy == "fsdp")
     if dist.on_main(tokenizer.fingerprint) != tokenizer.fingerprint():
         raise UserError("the processes built different tokenizers from the same data; train one with a single "
                         "process first and resume from its run directory")
-    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
-                               inputs={"command": "pretrain", "data": data})
-    dist.on_main(_save_tokenizer, out, tokenizer)
+    return tokenizer
+
+
+def _pretrain_parts(cfg: Config, data: str, tokenizer, micro: int, rows: slice, device, show: bool):
     train_stream, eval_stream = load_token_streams(data, cfg.data, tokenizer)
     if show:
         print(f"pretraining on {data}: {len(train_stream):,} tokens, vocabulary {tokenizer.vocab_size}")
     torch.manual_seed(cfg.train.seed)
     model = LlamaModel(cfg.model).init_weights(seed=cfg.train.seed).to(device)
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps  # a global micro-batch; each rank takes its rows
-    eval_batches = StreamBatches(eval_stream, micro, cfg.train.seed).fixed(cfg.train.eval_batches) if eval_stream else None
-    train = StreamBatches(train_stream, micro, cfg.train.seed, rows=dist.rows(micro))
-    trainer = Trainer(cfg, model, LanguageModeling(), train, eval_batches, out, tokenizer, device=device,
-                      show_progress=show, dist=dist)
-    _start(trainer, resume_from)
-    trainer.fit()
-    return _finish(trainer, out, cfg, tokenizer, show)
+    evals = StreamBatches(eval_stream, micro, cfg.train.seed).fixed(cfg.train.eval_batches) if eval_stream else None
+    train = StreamBatches(train_stream, micro, cfg.train.seed, rows=rows)
+    return model, LanguageModeling(), None, train, evals
+
+
+def _preference_objectives(cfg: Config, model, init: Path, ref: Path, train, evals, pdata, out: Path, device,
+                           dist: Dist):
+    """DPO's objectives for training and eval: against the reference model, or against its log-probs computed
+    once (dpo.precompute_ref), in which case no reference is held while training."""
+    if cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
+        reference = model  # the policy before its first step is the reference: no second copy is loaded
+    else:
+        reference = load_model(ref, device)
+        reference.requires_grad_(False)
+        if dist.enabled and dist.strategy == "fsdp":
+            dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
+    if not cfg.dpo.precompute_ref:
+        objective = Preference(cfg.dpo, reference=reference)
+        return objective, objective
+    # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
+    with autocast(cfg.train.precision, device):
+        train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
+        eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
+    return (Preference(cfg.dpo, reference_logps=train_logps),
+            Preference(cfg.dpo, reference_logps=eval_logps) if evals else None)
 
 
 def _save_tokenizer(out: Path, tokenizer) -> None:
     """A resumed run must keep the tokenizer it started with (ids would silently mean other text)."""
-    from ..tokenizer import load_tokenizer as load_tok
-
     path = out / "tokenizer.json"
-    if path.is_file() and load_tok(path).fingerprint() != tokenizer.fingerprint():
+    if path.is_file() and load_tokenizer_file(path).fingerprint() != tokenizer.fingerprint():
         raise UserError(f"{out}: holds a run with a different tokenizer than {tokenizer.__class__.__name__} "
                         f"of vocabulary {tokenizer.vocab_size} now given; use another --out or --overwrite")
     tokenizer.save(path)
 
 
 def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
-    from ..data import check_context
-
     init = resolve_checkpoint(init)
     init_cfg = Config.load_json(init / "config.json")
     cfg.model = init_cfg.model  # the architecture comes from the checkpoint being fine-tuned
@@ -134,8 +201,6 @@ def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
 
 
 def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, dist: Dist, sft: bool = False):
-    from ..data import load_preference_data
-
     if not show:
         import datasets
         datasets.disable_progress_bars()
@@ -146,79 +211,6 @@ def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, d
     if show:
         print(summary)
     return pdata
-
-
-@releases_run_dir
-def run_sft(cfg: Config, data: str, out: str | Path, init: str | Path, *, overwrite=False, resume=False,
-            show=True) -> Path:
-    from ..data import collate_sft
-
-    out = Path(out)
-    dist, device, show = _setup(cfg, show)
-    init, cfg, tokenizer = _init_from(cfg, init)
-    check_training(cfg, device, reference=False, command="sft", world_size=dist.world,
-                   sharded=dist.strategy == "fsdp")
-    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
-                               inputs={"command": "sft", "data": data, "init": init.resolve()})
-    dist.on_main(_save_tokenizer, out, tokenizer)
-    pdata = _preference_data(cfg, data, out, tokenizer, show, dist, sft=True)
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(init, device)
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    collate = functools.partial(collate_sft, pad_id=tokenizer.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
-    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
-    evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
-    trainer = Trainer(cfg, model, LanguageModeling(), train, evals, out, tokenizer, device=device, show_progress=show,
-                      dist=dist)
-    _start(trainer, resume_from)
-    trainer.fit()
-    return _finish(trainer, out, cfg, tokenizer, show)
-
-
-@releases_run_dir
-def run_dpo(cfg: Config, data: str, out: str | Path, init: str | Path, ref: str | Path | None = None, *,
-            overwrite=False, resume=False, show=True) -> Path:
-    from ..data import preference_collator
-
-    out = Path(out)
-    dist, device, show = _setup(cfg, show)
-    init, cfg, tokenizer = _init_from(cfg, init)
-    ref = resolve_checkpoint(ref) if ref is not None else init
-    check_training(cfg, device, reference=not cfg.dpo.precompute_ref, command="dpo", world_size=dist.world,
-                   sharded=dist.strategy == "fsdp")
-    resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume,
-                               inputs={"command": "dpo", "data": data, "init": init.resolve(), "ref": ref.resolve()})
-    dist.on_main(_save_tokenizer, out, tokenizer)
-    pdata = _preference_data(cfg, data, out, tokenizer, show, dist)
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(init, device)
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    collate = functools.partial(preference_collator(cfg.dpo.share_prompt), pad_id=tokenizer.pad_id,
-                                pad_to_multiple_of=cfg.data.pad_to_multiple_of)
-    train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, dist.rows(micro))
-    evals = ExampleBatches(pdata.eval, collate, micro, 1, cfg.train.seed).fixed(cfg.train.eval_batches) if len(pdata.eval) else None
-    if cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
-        reference = model  # the policy before its first step is the reference: no second copy is loaded
-    else:
-        reference = load_model(ref, device)
-        reference.requires_grad_(False)
-        if dist.enabled and dist.strategy == "fsdp":
-            dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
-    if cfg.dpo.precompute_ref:
-        # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
-        with autocast(cfg.train.precision, device):
-            train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
-            eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
-        objective = Preference(cfg.dpo, reference_logps=train_logps)
-        eval_objective = Preference(cfg.dpo, reference_logps=eval_logps) if evals else None
-        del reference  # the point of precomputing: the reference is not held during training
-    else:
-        objective = eval_objective = Preference(cfg.dpo, reference=reference)
-    trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
-                      eval_objective=eval_objective, dist=dist)
-    _start(trainer, resume_from)
-    trainer.fit()
-    return _finish(trainer, out, cfg, tokenizer, show)
 
 
 def cached_reference_logps(out: Path, split: str, reference, batches, n: int, ref_path: Path, device,

@@ -22,8 +22,8 @@ from ..errors import UserError
 from ..faults import fault_point
 from ..runtime import autocast
 from .distributed import Dist, grad_norm_value
-from .metrics import MetricsLog, truncate_metrics
-from .objectives import read_values, sequence_tokens
+from ..metrics import MetricsLog, truncate_metrics
+from ..objectives import read_values, sequence_tokens
 from ..checkpoint.state import last_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 

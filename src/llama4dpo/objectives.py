@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..config import DPOConfig
-from ..losses import (LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, shared_prompt_logps,
+from .config import DPOConfig
+from .losses import (LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, shared_prompt_logps,
                       token_logps)
 
 
