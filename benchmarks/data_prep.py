@@ -7,19 +7,20 @@ then times each stage of `load_preference_data` separately and end to end:
     tokenise          tokenize_pairs: datasets.map(batched=True); char (num_proc 1 and 2) and BPE tokenizers
     end to end        load_preference_data with the char tokenizer (what a run does before its first step)
 
-Prints a markdown table and replaces the section between <!-- data_prep --> and <!-- /data_prep --> in
-BENCHMARKS.md (created if absent). Default run: 100k pairs, under two minutes on 2 CPU cores.
+Prints a markdown table and replaces its section of BENCHMARKS.md (the one under its `## ` heading). Default
+run: 100k pairs, under two minutes on 2 CPU cores.
 
     python benchmarks/data_prep.py [--pairs 100000] [--no-write]
+    python benchmarks/data_prep.py --quick      # smoke mode: 2,000 pairs, writes nothing
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import datetime
 import platform
 import random
-import re
 import sys
 import tempfile
 import time
@@ -29,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # datasets forks worke
 
 import datasets  # noqa: E402
 
+import harness  # noqa: E402,F401  (src/ on sys.path where llama4dpo is not installed)
+from report import write_section  # noqa: E402
 from llama4dpo.config import DataConfig  # noqa: E402
 from llama4dpo.data import load_preference_data, read_pairs, write_records  # noqa: E402
 from llama4dpo.data.prepare import tokenize_pairs  # noqa: E402
@@ -36,7 +39,7 @@ from llama4dpo.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
 
 WORDS = ("the a model answer question data we can it is to of and in that for with as on be this by not "
          "preference train learn reward policy sample token batch loss value step rate").split()
-MARK_START, MARK_END = "<!-- data_prep -->", "<!-- /data_prep -->"
+HEADING = "## Data preparation (`benchmarks/data_prep.py`)"
 
 
 def sentence(rng: random.Random, n_chars: int) -> str:
@@ -68,7 +71,10 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=100_000)
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    ap.add_argument("--quick", action="store_true", help="smoke mode: 2,000 pairs, no write")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.pairs, args.no_write = 2000, True
     datasets.disable_progress_bars()
     cfg = DataConfig(eval_fraction=0.01, max_length=1024, max_prompt_length=512)
     rows = []
@@ -88,27 +94,20 @@ def main(argv=None) -> None:
         rows.append(("end to end: load_preference_data", "char", cfg.num_proc, t))
     n = args.pairs
     table = "\n".join(
-        [f"{n:,} HH-style pairs of ~1 kB ({size_mb:.0f} MB JSONL), max_length 1024; {platform.machine()}, "
-         f"{os.cpu_count()} cores, Python {platform.python_version()}, datasets {datasets.__version__}.", "",
+        [f"`python benchmarks/data_prep.py` - {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, "
+         f"Python {platform.python_version()}, datasets {datasets.__version__}; "
+         f"{n:,} HH-style pairs of ~1 kB ({size_mb:.0f} MB JSONL), max_length 1024.", "",
          "| stage | tokenizer | num_proc | seconds | pairs/s |", "|---|---|---:|---:|---:|"]
         + [f"| {stage} | {tok} | {p} | {t:.1f} | {n / t:,.0f} |" for stage, tok, p, t in rows])
     print(table)
     print(f"\n{data.report.summary()}", file=sys.stderr)
     if not args.no_write:
-        write_section(Path(args.out), "## Data preparation (`benchmarks/data_prep.py`)\n\n" + table + "\n\n"
+        write_section(HEADING + "\n\n" + table + "\n\n"
                       "Preparation runs once per run, at thousands of pairs per second: far faster than any "
                       "training step consumes them. num_proc > 1 does not pay off on 2 cores: shipping the "
-                      "in-memory shards to worker processes costs more than the ~0.1 ms per pair of tokenising.")
+                      "in-memory shards to worker processes costs more than the ~0.1 ms per pair of tokenising.",
+                      Path(args.out))
         print(f"\nupdated {args.out}")
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (between its markers), or append it."""
-    section = f"{MARK_START}\n{body}\n{MARK_END}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A decode step multiplies one token per row by every weight matrix it uses, so it reads those weights from
 memory once per step: its cost is bytes of weights / memory bandwidth, plus the per-op overhead of ~600 small
-ops. This script measures, side by side on the 15M configuration (8 experts, fp32, the dpo_speed model):
+ops. This script measures, side by side on the 15m preset (8 experts, fp32):
 
   * the machine's read bandwidth: a sum over 256 MB, and vector-matrix products over 60 distinct 1 MB
     matrices (too many to stay in cache: what a decode step does);
@@ -12,26 +12,28 @@ ops. This script measures, side by side on the 15M configuration (8 experts, fp3
     with hooks); transformers, every expert (it runs each expert on every token);
   * the floor: those bytes / the measured product bandwidth.
 
-    python benchmarks/decode_bound.py            # writes the `decode_bound` section of BENCHMARKS.md
+    python benchmarks/decode_bound.py                               # replaces its section of BENCHMARKS.md
+    python benchmarks/decode_bound.py --new-tokens 2 --repeat 1 --no-write    # smoke run (the tests' own)
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import datetime
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _report import markdown_table, write_section  # noqa: E402
-from dpo_speed import PAD, build_checkpoints  # noqa: E402
+from harness import markdown_table
+from report import write_section
+from workload import PAD, build_checkpoints
+
+HEADING = "## Where decoding time goes (`benchmarks/decode_bound.py`)"
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::mv", "aten::addmv"}
 
@@ -150,9 +152,10 @@ def main():
     floor = {r[0]: {} for r in rows}
     for r in rows:
         floor[r[0]][r[1]] = float(r[8])
-    lines = ["## Where decoding time goes (`python benchmarks/decode_bound.py`)", "",
-             f"15M configuration, 8 experts, fp32, greedy, prompt {args.prompt}, {args.new_tokens} new tokens, "
-             f"CPU {torch.get_num_threads()} threads, torch {torch.__version__}. Measured read bandwidth: "
+    lines = [HEADING, "",
+             f"`python benchmarks/decode_bound.py` - {datetime.date.today()}, CPU {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}; 15m preset, 8 experts, fp32, greedy, prompt {args.prompt}, "
+             f"{args.new_tokens} new tokens. Measured read bandwidth: "
              f"{stream:.1f} GB/s (sum over 256 MB), {products:.1f} GB/s (vector x 60 distinct 1 MB matrices, the "
              "floor's figure). Profiled times include the profiler's overhead; ms per step is unprofiled.", "",
              table, ""]
@@ -167,7 +170,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section("decode_bound", text)
+        write_section(text)
 
 
 if __name__ == "__main__":

@@ -5,21 +5,18 @@ cannot change the tokens that follow; prints the largest logit difference per st
 argmax agrees, for fp32 and bf16 weights. Greedy free-running tokens are compared too.
 
     python benchmarks/decode_check.py --device cuda --preset 100m
+    python benchmarks/decode_check.py --steps 4 --experts 4        # quick: the tiny preset on CPU (the tests' run)
+
+Prints only (a correctness check, no table in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-from dpo_speed import PRESETS  # noqa: E402
+from workload import PRESETS, model_config
 
 
 def main():
@@ -29,9 +26,7 @@ def main():
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--steps", type=int, default=32)
     args = p.parse_args()
-    from llama4dpo import ModelConfig
-
-    cfg = ModelConfig(**{**PRESETS[args.preset]["model"], "num_local_experts": args.experts})
+    cfg = model_config(args.preset, args.experts)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, cfg.vocab_size, (1, 64), generator=g)
     forced = torch.randint(3, cfg.vocab_size, (args.steps,), generator=g)
@@ -42,16 +37,28 @@ def main():
             print(f"{str(weights):15s} FAILED: {type(e).__name__}: {e}"[:400], flush=True)
 
 
+def compiled_decoding(model, batch: int, length: int):
+    """(the compiled decoding step, a context giving its static cache): `llama4dpo.runtime.Decoder`, or the
+    functions `llama4dpo.generate` had before it."""
+    try:
+        from llama4dpo.runtime import Decoder
+    except ImportError:
+        from llama4dpo.generate import compiled_decode, static_cache
+        return compiled_decode(model), static_cache(model, batch, length)
+    decoder = Decoder(model)
+    return decoder.step, decoder.cache(batch, length)
+
+
 def check(cfg, weights, prompt, forced, args):
     from llama4dpo import LlamaModel
-    from llama4dpo.generate import Sampling, compiled_decode, generate_ids, static_cache
+    from llama4dpo.generate import Sampling, generate_ids
     model = LlamaModel(cfg).init_weights(seed=0).to(args.device).eval().to(weights)
     ids = prompt.to(args.device)
     length = ids.shape[1] + len(forced)
-    with torch.inference_mode(), static_cache(model, 1, length) as comp:
+    step, static = compiled_decoding(model, 1, length)
+    with torch.inference_mode(), static as comp:
         eager = model.new_cache(1, length)
         model(ids, cache=eager), model(ids, cache=comp)
-        step = compiled_decode(model)
         diffs, agree = [], 0
         for t in forced.tolist():
             tok = torch.tensor([[t]], device=args.device)

@@ -186,10 +186,10 @@ def test_generate_ids_stops_at_any_stop_id(checkpoint, tok):
 
 
 def test_generate_renders_with_the_template_and_stops_at_im_end(checkpoint, tok, monkeypatch, capsys):
-    import llama4dpo.commands as commands
+    from llama4dpo.cli import infer
     from llama4dpo.checkpoint import load_model
     seen = []
-    real = commands._model_and_tokenizer
+    real = infer.model_and_tokenizer
     hi = tok.encode("Hello")
 
     def fake(path):
@@ -198,7 +198,7 @@ def test_generate_renders_with_the_template_and_stops_at_im_end(checkpoint, tok,
         inner = forced.forward
         forced.forward = lambda ids, **kw: seen.append(ids[0].tolist()) or inner(ids, **kw)
         return forced, t
-    monkeypatch.setattr(commands, "_model_and_tokenizer", fake)
+    monkeypatch.setattr(infer, "model_and_tokenizer", fake)
     assert main(["generate", "--model", str(checkpoint), "--prompt", "What is 3 + 4?", "--system", "Be brief.",
                  "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out.strip() == "Hello"

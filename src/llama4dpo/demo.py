@@ -25,7 +25,7 @@ STAGES = {"pretrain": [], "sft": ["train.max_steps=150", "train.lr=1e-3", "train
 def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False) -> dict:
     from .checkpoint import load_model, load_tokenizer
     from .data import load_preference_data
-    from .commands import plot_finished_run
+    from .plot import plot_run
     from .train.recipes import run
 
     out = Path(out)
@@ -40,7 +40,7 @@ def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False)
     cfg = lambda stage: Config.load("demo", [*STAGES[stage], *overrides, *scale])  # noqa: E731
     for stage, init in (("pretrain", None), ("sft", out / "pretrain"), ("dpo", out / "sft")):
         run(stage, cfg(stage), SOURCE, out / stage, init, overwrite=True)
-        plot_finished_run(out / stage)
+        plot_run(out / stage)
 
     print("\nevaluating on held-out prompts...", flush=True)
     policy, reference = load_model(out / "dpo" / "final"), load_model(out / "sft" / "final")

@@ -70,7 +70,7 @@ def run_smollm2_demo(out: str | Path, overrides: list[str] = (), *, quick: bool 
     from .demo import report
     from .evaluate import ground_truth_metrics, preference_metrics
     from .interop import import_hf
-    from .commands import plot_finished_run
+    from .plot import plot_run
     from .train.recipes import run
 
     out, start = Path(out), time.perf_counter()
@@ -80,7 +80,7 @@ def run_smollm2_demo(out: str | Path, overrides: list[str] = (), *, quick: bool 
         print(f"imported {base}", flush=True)
     cfg = Config.load(None, [*RECIPE, *overrides, *(QUICK if quick else [])])
     run("dpo", cfg, SOURCE, out / "dpo", base, overwrite=True)
-    plot_finished_run(out / "dpo")
+    plot_run(out / "dpo")
 
     print("\nevaluating on held-out prompts...", flush=True)
     policy, reference, tokenizer = load_model(out / "dpo" / "final"), load_model(base), load_tokenizer(base)

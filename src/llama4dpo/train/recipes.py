@@ -59,10 +59,10 @@ def releases_run_dir(run):
     """The run directory's lock (taken by prepare_run_dir) is released however the run ends - by the call
     that took it only (a second call refused for the same directory leaves the first one's lock alone)."""
     @functools.wraps(run)
-    def wrapper(cfg: Config, data: str, out: str | Path, *args, **kwargs) -> Path:
+    def wrapper(stage: str, cfg: Config, data: str, out: str | Path, *args, **kwargs) -> Path:
         held_before = holds_run_dir(Path(out))
         try:
-            return run(cfg, data, out, *args, **kwargs)
+            return run(stage, cfg, data, out, *args, **kwargs)
         finally:
             if not held_before:
                 release_run_dir(Path(out))

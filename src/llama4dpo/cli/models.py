@@ -1,21 +1,16 @@
-"""The `llama4dpo` command line. Each subcommand is a small function; heavy imports happen inside them.
-
-A user's mistake (bad config key, missing file, malformed data) is printed as one line, `error: ...`,
-with exit status 2 - never a traceback.
-"""
+"""Model-file commands: info, export-hf, import-hf, manifest."""
 
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
-from .errors import UserError
+from ..checkpoint import MANIFEST, has_tokenizer, load_model, refuse_symlinks, write_manifest
+from ..errors import UserError
+from ..interop import export_hf, import_hf
+from .args import checkpoint_arg
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import load_model, has_tokenizer
-    from .commands import checkpoint_arg
-
     ckpt = checkpoint_arg(args.ckpt)  # a run directory too, as the other commands take
     model = load_model(ckpt)
     m = model.cfg
@@ -43,27 +38,18 @@ def cmd_info(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from .commands import checkpoint_arg
-    from .interop import export_hf
-
     out = export_hf(checkpoint_arg(args.ckpt), args.out_dir)  # a run directory too, as the other commands take
     print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    from .interop import import_hf
-
     out = import_hf(args.hf_dir, args.out_ckpt)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_manifest(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import MANIFEST, refuse_symlinks, write_manifest
-
     path = Path(args.ckpt)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise UserError(f"{path}: not a checkpoint directory (no config.json and model.safetensors)")
@@ -73,10 +59,8 @@ def cmd_manifest(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama4dpo", description="Llama 4 (text, MoE) with pretraining, SFT and DPO.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+def add_commands(sub) -> None:
     s = sub.add_parser("info", help="layers, experts, total and active parameter counts of a checkpoint or "
                                     "run directory")
     s.add_argument("ckpt")
@@ -97,33 +81,3 @@ def build_parser() -> argparse.ArgumentParser:
                                         "sha256 sums, which resuming requires")
     s.add_argument("ckpt")
     s.set_defaults(func=cmd_manifest)
-
-    from .commands import add_commands  # training, evaluation and generation commands
-    add_commands(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    # Overrides (section.key=value) may come before or after options, so collect them from the leftovers.
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return args.func(args) or 0
-    except UserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always exactly one line
-        return 2
-    except OSError as e:  # a file we could not write or read (disk full, read-only, permissions) that no
-        where = f"{e.filename}: " if e.filename else ""  # narrower handler named: still one line
-        print("error: " + " ".join(f"{where}{e.strerror or e}".split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
