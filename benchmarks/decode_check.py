@@ -38,13 +38,9 @@ def main():
 
 
 def compiled_decoding(model, batch: int, length: int):
-    """(the compiled decoding step, a context giving its static cache): `llama4dpo.runtime.Decoder`, or the
-    functions `llama4dpo.generate` had before it."""
-    try:
-        from llama4dpo.runtime import Decoder
-    except ImportError:
-        from llama4dpo.generate import compiled_decode, static_cache
-        return compiled_decode(model), static_cache(model, batch, length)
+    """(the compiled decoding step, a context giving its static cache), from `llama4dpo.runtime.Decoder`."""
+    from llama4dpo.runtime import Decoder
+
     decoder = Decoder(model)
     return decoder.step, decoder.cache(batch, length)
 

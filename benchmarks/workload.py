@@ -167,8 +167,7 @@ def dpo_overrides(pairs: int, seq: int, steps: int, device: str, seed: int) -> l
 
 def run_dpo_recipe(cfg, data: Path, out: Path, init: Path, on_step) -> None:
     """`llama4dpo dpo --data DATA --init INIT --out OUT` with `cfg` (what the CLI builds from --config and its
-    overrides): the CLI's own recipe, `llama4dpo.train.recipes.run("dpo", ...)` (`run_dpo` before the recipes were
-    one function). `on_step(trainer, step)` wraps each optimizer step of its training loop: `step()` runs the step
+    overrides): the CLI's own recipe, `llama4dpo.train.recipes.run("dpo", ...)`. `on_step(trainer, step)` wraps each optimizer step of its training loop: `step()` runs the step
     and returns its metrics; the hook may raise StopRun to end the run."""
     from llama4dpo.train import recipes
 
@@ -179,10 +178,7 @@ def run_dpo_recipe(cfg, data: Path, out: Path, init: Path, on_step) -> None:
         return on_step(self, lambda: original(self))
     trainer_cls.train_step = train_step
     try:
-        if hasattr(recipes, "run"):
-            recipes.run("dpo", cfg, str(data), out, init, show=False)
-        else:
-            recipes.run_dpo(cfg, str(data), out, init, show=False)
+        recipes.run("dpo", cfg, str(data), out, init, show=False)
     except StopRun:
         pass
     finally:

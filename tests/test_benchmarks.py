@@ -40,12 +40,12 @@ def test_decode_check_finds_compiled_decoding_exact_in_fp32():
     assert "argmax agrees 4/4" in fp32 and "tokens equal 1.00" in fp32, r.stdout
 
 
-@pytest.mark.parametrize("flag", [["--gen-repeat", "0"], ["--gen-weights", "fp16"]])
-def test_dpo_speed_refuses_a_bad_flag_in_one_line(flag):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dpo_speed.py"), *flag],
+@pytest.mark.parametrize("flag", [["--repeat", "0"], ["--weights", "fp16"]])
+def test_generation_benchmark_refuses_a_bad_flag_in_one_line(flag):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), *flag],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"dpo_speed.py: error: {flag[0]}")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"generation.py: error: {flag[0]}")
 
 
 def test_finite_check_times_the_step_with_and_without_the_check():
