@@ -29,8 +29,15 @@ demo: $(STAMP)
 demo-smollm2: $(STAMP)
 	$(BIN)/llama4dpo demo --model smollm2 --out runs/demo-smollm2
 
+# Every CPU benchmark, each replacing its own section of BENCHMARKS.md (about 20 minutes on a quiet 2-core machine).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_scaling.py
+	$(BIN)/python benchmarks/data_prep.py
+	$(BIN)/python benchmarks/dpo_speed.py --rounds 2 --steps 8
+	$(BIN)/python benchmarks/fwd_bwd.py
+	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/decode_bound.py
+	$(BIN)/python benchmarks/finite_check.py
 
 # The GPU machine has no network: the benchmark's packages it lacks travel as wheels in .whl (git-ignored),
 # for its Python 3.12, at the versions installed here; benchmarks/gpu.sh installs them there.

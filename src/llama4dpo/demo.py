@@ -11,22 +11,23 @@ import json
 import time
 from pathlib import Path
 
+from .checkpoint import load_model, load_tokenizer
 from .config import Config
+from .data import load_preference_data
 from .evaluate import ground_truth_metrics, preference_metrics
+from .model import LlamaModel
+from .plot import plot_run
+from .train.recipes import run
 
 SOURCE = "builtin:assistant"
 # Steps per stage: the demo preset's step count is the pretraining length; SFT and DPO are shorter.
 STAGES = {"pretrain": [], "sft": ["train.max_steps=150", "train.lr=1e-3", "train.warmup_steps=20"],
           # DPO with an NLL term on the chosen answer (RPO, Pang et al. 2024, alpha = 1): on this task plain
-          # DPO lowers the chosen log-prob too (USERS.md #7) and gains less; see README "The demo".
+          # DPO lowers the chosen log-prob too and gains less (BENCHMARKS.md, "The demo's DPO recipe").
           "dpo": ["train.max_steps=150", "train.lr=1e-4", "train.warmup_steps=20", "dpo.sft_weight=1.0"]}
 
 
 def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False) -> dict:
-    from .checkpoint import load_model, load_tokenizer
-    from .data import load_preference_data
-    from .plot import plot_run
-    from .train.recipes import run
 
     out = Path(out)
     scale = ["train.max_steps=30"] if quick else []
@@ -64,7 +65,6 @@ def run_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False)
 
 def _size() -> str:
     import torch
-    from .model import LlamaModel
 
     with torch.device("meta"):
         total, active = LlamaModel(Config.load("demo", ["model.vocab_size=72"]).model).num_params()

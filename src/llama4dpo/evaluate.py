@@ -16,6 +16,8 @@ import statistics
 import torch
 
 from .data.chat import ASSISTANT, HUMAN, has_template, parse_transcript, template_prompt
+from .data import preference_collator
+from .data import collate_preference_shared
 from .data.prepare import encode_prompts
 from .generate import Sampling, generate, generate_ids
 from .losses import sequence_logps
@@ -25,7 +27,6 @@ from .objectives import Preference, pair_logps
 
 @torch.no_grad()
 def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_size: int = 16) -> dict:
-    from .data import preference_collator
 
     collate = functools.partial(preference_collator(dpo_cfg.share_prompt), pad_id=pad_id)
     batches = ExampleBatches(examples, collate, batch_size, 1, 0).fixed()
@@ -48,7 +49,6 @@ def preference_metrics(model, reference, examples, pad_id: int, dpo_cfg, batch_s
 def policy_logps(model, examples, pad_id: int, batch_size: int = 16) -> dict:
     """Without a reference: mean summed log-probs of chosen and rejected responses, and how often the
     policy already prefers the chosen one (scored in the prefix-shared layout, which gives the same numbers)."""
-    from .data import collate_preference_shared
 
     device = next(model.parameters()).device
     chosen, rejected = [], []

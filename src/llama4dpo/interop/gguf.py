@@ -1,13 +1,10 @@
 """Import a GGUF file (llama.cpp's format) of architecture `llama` - Llama 2 / 3.x, SmolLM2, TinyLlama, Mistral -
 as a checkpoint of family "llama" (a dense Llama; see `llama.py`).
 
-The metadata becomes the config.json a LlamaForCausalLM would have, read by the same code as a transformers
-directory (`hf.model_config_from_hf`). Tensors are dequantized to float32 with the `gguf` package, so a quantized
-file imports as the model it encodes, not as the float model it was quantized from. Two GGUF conventions matter:
-
-- shapes are listed innermost dimension first (ggml's ne0 = a row's length), the reverse of torch's;
-- llama.cpp's converter already stores the q/k projection rows in the interleaved (2i, 2i + 1) rotary order that
-  Llama 4 and our model use, so unlike a transformers checkpoint they need no reordering.
+The metadata becomes the config.json a LlamaForCausalLM would have, read as a transformers directory's is
+(`hf.model_config_from_hf`). Tensors are dequantized to float32 with the `gguf` package: a quantized file imports as
+the model it encodes. Shapes are listed innermost dimension first (ggml's ne0 = a row's length), the reverse of
+torch's; q/k rows are already in the interleaved (2i, 2i + 1) rotary order our model uses (no reordering).
 
 A file is untrusted input: every refusal is a one-line UserError naming the file (and the key or tensor), and
 nothing is unpickled (GGUF holds no pickles; the reader memory-maps plain arrays).
@@ -36,10 +33,8 @@ from ..tokenizer import HFTokenizer
 from . import hf, llama
 
 ARCHITECTURE = "llama"
-# The tensor types llama.cpp writes for a Llama's weights that gguf.quants dequantizes (all but the float ones in
-# blocks of 32 values, the K-quants in blocks of 256)
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# The tensor types llama.cpp writes for a Llama's weights that gguf.quants dequantizes (the K-quants: blocks of 256)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 # Metadata values plus tensors a file may declare. Real files hold ~1e5 (SmolLM2) to ~1e6 (262k-token vocabularies
 # with scores and types); the cap bounds what a crafted array length can make the reader build.
 MAX_ENTRIES = 1 << 23
