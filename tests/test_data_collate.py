@@ -32,7 +32,7 @@ def test_collate_preference_worked_example():
 def test_pad_to_multiple_and_sft():
     batch = collate_preference(EXAMPLES, pad_id=0, pad_to_multiple_of=4)
     assert batch["input_ids"].shape == (4, 8) and (batch["labels"][:, 6:] == IGNORE_INDEX).all()
-    sft = collate_sft(EXAMPLES, pad_id=0)
+    sft = collate_sft([{"prompt_ids": ex["prompt_ids"], "response_ids": ex["chosen_ids"]} for ex in EXAMPLES], pad_id=0)
     assert sft["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 5, 7, 7, 2]]
     assert sft["labels"].tolist() == [[-100, -100, -100, 7, 2], [-100, -100, 7, 7, 2]]
     resp = collate_sft([{"prompt_ids": [1, 4], "response_ids": [6, 2]}], pad_id=0)

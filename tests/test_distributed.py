@@ -160,7 +160,7 @@ def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(tmp_path, monke
     trainer = None
     try:
         monkeypatch.setattr(Dist, "enabled", property(lambda self: True))  # a real DDP over a 1-rank group
-        examples = [{"prompt_ids": [1, 5 + i % 7], "chosen_ids": [6, 7 + i % 5, 2]} for i in range(16)]
+        examples = [{"prompt_ids": [1, 5 + i % 7], "response_ids": [6, 7 + i % 5, 2]} for i in range(16)]
         calls = {}
         for accum in (1, 4):
             cfg = Config.load(TINY, ["model.vocab_size=20", f"train.grad_accum_steps={accum}", "train.batch_size=8"])

@@ -21,7 +21,7 @@ def examples(n=8):
     for i in range(n):  # deliberately different lengths, so per-micro-batch means would be wrong
         p = [1] + torch.randint(4, 20, (1 + i % 3,), generator=g).tolist()
         r = torch.randint(4, 20, (1 + (i * 5) % 7,), generator=g).tolist() + [2]
-        out.append({"prompt_ids": p, "chosen_ids": r})
+        out.append({"prompt_ids": p, "response_ids": r})
     return out
 
 

@@ -5,8 +5,10 @@
     chat.py        the one chat template (HH convention), shared with generation
     report.py      bad records skipped and counted by reason; truncation counts
     prepare.py     tokenisation and the truncation policy (long prompts keep their end, never dropped)
-    preference.py  load_preference_data: the whole pipeline for DPO and SFT data, with the eval split
+    preference.py  load_preference_data: the whole pipeline for preference pairs, with the eval split
                    (or none: every pair scored, for `llama4dpo eval`)
+    sft.py         load_sft_data: demonstrations (prompt, response) for SFT, through the same pipeline
+    batches.py     examples or a token stream as the Trainer's deterministic, resumable batches
     collate.py     padded [chosen; rejected] (DPO) and prompt + chosen (SFT) batches
     lm.py          pretraining corpora as a token stream sampled in block_size windows
     builtin.py     builtin:assistant, a generated task with a ground-truth reward
@@ -20,6 +22,7 @@ from .lm import TokenStream, load_text_corpus, load_token_streams, training_text
 from .preference import PreferenceData, check_context, load_preference_data, read_pairs
 from .prepare import prepare_pair, truncate_pair
 from .report import REASONS, DataReport
+from .sft import SFTData, load_sft_data
 from .sources import read_records, write_records
 
 __all__ = [
@@ -30,6 +33,6 @@ __all__ = [
     "TokenStream", "load_text_corpus", "load_token_streams", "training_texts",
     "PreferenceData", "check_context", "load_preference_data", "read_pairs",
     "prepare_pair", "truncate_pair",
-    "REASONS", "DataReport",
+    "REASONS", "DataReport", "SFTData", "load_sft_data",
     "read_records", "write_records",
 ]

@@ -128,7 +128,6 @@ def preference_collator(share_prompt: bool) -> Callable[..., dict[str, torch.Ten
 
 def collate_sft(examples: Sequence[Mapping], pad_id: int,
                 pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """B examples -> B rows of prompt + chosen response (the loss counts the response tokens only).
-    Takes the same prepared examples as `collate_preference` (or ones with `response_ids`)."""
-    key = "response_ids" if examples and "response_ids" in examples[0] else "chosen_ids"
-    return pad_sequences([(ex["prompt_ids"], ex[key]) for ex in examples], pad_id, pad_to_multiple_of)
+    """B demonstrations (`SFTData` examples: prompt_ids, response_ids) -> B rows of prompt + response (the loss
+    counts the response tokens only)."""
+    return pad_sequences([(ex["prompt_ids"], ex["response_ids"]) for ex in examples], pad_id, pad_to_multiple_of)

@@ -1,12 +1,12 @@
-"""Preference (and SFT) data: source -> checked texts -> train/eval split -> tokenised `datasets.Dataset`s.
+"""Preference data: source -> checked texts -> train/eval split -> tokenised `datasets.Dataset`s.
 
     data = load_preference_data("hh.jsonl", cfg.data, tokenizer)
     print(data.report.summary())                   # counts of skipped records by reason, truncation
     batch = collate_preference([data.train[i] for i in idx], tokenizer.pad_id)
 
 `data.train` and `data.eval` are `datasets.Dataset`s with the columns prompt_ids, chosen_ids and
-rejected_ids (lists of ints, see `prepare.py`); `data.train[i]` is a dict the collators accept. SFT uses
-the same data: prompt + chosen (`collate_sft`).
+rejected_ids (lists of ints, see `prepare.py`); `data.train[i]` is a dict the collators accept. SFT data
+(`sft.py`) is read by the same pipeline and keeps prompt + chosen.
 
 The eval split is deterministic: whole prompts are held out (no prompt is in both splits, even when a
 data set has several pairs per prompt), picked by a hash of (seed, prompt text) until

@@ -80,12 +80,12 @@ class MoE(nn.Module):
         logits = self.router(xt)                                           # (T, E)
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)              # (T, k), on the raw logits
         scores = torch.sigmoid(top_logits.float()).to(xt.dtype)            # (T, k)
-        out = self.shared_expert(xt)                                       # (T, D), autocast's dtype if on
         self.tokens_per_expert, self.aux_loss = None, None
 
         if decode_per_slot(xt, len(xt) * self.top_k):  # decoding: each slot through its own expert, no sort
             routed_in = xt.repeat_interleave(self.top_k, dim=0) * scores.flatten()[:, None]   # (T*k, D)
             routed_out = self.experts.per_slot(routed_in, top_idx.flatten()).view(-1, self.top_k, D)
+            out = self.shared_expert(xt)                                   # (T, D), autocast's dtype if on
             return (out + routed_out.sum(1).to(out.dtype)).view(B, S, D)
 
         expert_of_slot = top_idx.flatten()                                 # (T*k,)
@@ -95,6 +95,7 @@ class MoE(nn.Module):
             0, expert_of_slot, torch.ones_like(expert_of_slot))               # (E,) slots per expert (static shape)
         routed_in = xt[token_of_slot] * scores.flatten()[order, None]      # (T*k, D), score on the input
         routed_out = self.experts(routed_in, counts)                       # (T*k, D)
+        out = self.shared_expert(xt)                                       # (T, D), autocast's dtype if on
         out = out.index_add(0, token_of_slot, routed_out.to(out.dtype))    # each slot back to its token
 
         self.tokens_per_expert = counts.detach()

@@ -16,8 +16,8 @@ from ..checkpoint import (WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, res
                           write_error_cause)
 from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..config import Config, TrainConfig
-from ..data import (check_context, collate_sft, load_preference_data, load_token_streams, preference_collator,
-                    training_texts)
+from ..data import (check_context, collate_sft, load_preference_data, load_sft_data, load_token_streams,
+                    preference_collator, training_texts)
 from ..data.batches import ExampleBatches, StreamBatches
 from ..errors import UserError
 from ..model import LlamaModel
@@ -101,7 +101,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
     if stage == "pretrain":
         model, objective, eval_objective, train, evals = _pretrain_parts(cfg, data, tokenizer, micro, rows, device, show)
     else:
-        pdata = _preference_data(cfg, data, out, tokenizer, show, dist, sft=stage == "sft")
+        pdata = _examples(stage, cfg, data, out, tokenizer, show, dist)
         torch.manual_seed(cfg.train.seed)
         model = load_model(init, device)
         collate = collate_sft if stage == "sft" else preference_collator(cfg.dpo.share_prompt)
@@ -200,17 +200,19 @@ def _init_from(cfg: Config, init: str | Path) -> tuple[Path, Config, object]:
     return init, cfg, load_tokenizer(init)
 
 
-def _preference_data(cfg: Config, data: str, out: Path, tokenizer, show: bool, dist: Dist, sft: bool = False):
+def _examples(stage: str, cfg: Config, data: str, out: Path, tokenizer, show: bool, dist: Dist):
+    """SFT demonstrations or DPO pairs, with their data report printed and written to OUT/data_report.txt."""
     if not show:
         import datasets
         datasets.disable_progress_bars()
-    pdata = load_preference_data(data, cfg.data, tokenizer, sft=sft)
-    summary = pdata.report.summary()
+    load = load_sft_data if stage == "sft" else load_preference_data
+    examples = load(data, cfg.data, tokenizer)
+    summary = examples.report.summary()
     if dist.is_main:
         (out / "data_report.txt").write_text(summary + "\n", encoding="utf-8")
     if show:
         print(summary)
-    return pdata
+    return examples
 
 
 def cached_reference_logps(out: Path, split: str, reference, batches, n: int, ref_path: Path, device,
