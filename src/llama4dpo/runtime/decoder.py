@@ -26,8 +26,9 @@ class Decoder:
         self._caches: dict[tuple, KVCache] = {}
 
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """`model.decode(tokens, cache)`, compiled (the first call of a shape compiles)."""
-        compiled = self._current()
+        """`model.decode(tokens, cache)`, compiled (the first call of a shape compiles), into a cache from
+        `Decoder.cache` (which also notices weights changed since the last generation)."""
+        compiled = self._compiled or self._current()
         key = None if self.cuda else (tokens.shape, cache.k[0].shape, cache.k[0].dtype, self.model.training,
                                       torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                                       torch.is_autocast_enabled(self.device.type),
@@ -93,6 +94,7 @@ class Decoder:
         or concurrent generation of the same shape gets a cache of its own."""
         import torch._dynamo
 
+        self._current()  # (once per generation: weights changed in place since the last one compile again)
         key = (batch_size, max_len, self.model.cache_dtype())
         cache = self._caches.pop(key, None)
         if cache is None:
