@@ -17,6 +17,7 @@ from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
 from ..resources import check_model
+from ..tokenizer import load_tokenizer as _load
 from .files import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, refuse_symlinks, verify_manifest
 
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
@@ -112,8 +113,6 @@ def read_weights(model: LlamaModel, file: Path) -> dict[str, torch.Tensor]:
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with a checkpoint; a one-line error if the checkpoint has none."""
-    from ..tokenizer import load_tokenizer as _load
-
     path = _checkpoint_dir(path)
     if not (path / TOKENIZER).is_file():
         raise UserError(f"{path}: this checkpoint has no tokenizer.json (e.g. imported from transformers "

@@ -30,6 +30,7 @@ from ..errors import ConfigError, UserError
 from ..model import LlamaModel
 from ..resources import check_model
 from ..tokenizer import HFTokenizer, save_for_transformers
+from ..tokenizer import load_tokenizer as load_tokenizer_file
 from . import llama
 
 # Our key -> transformers key. Everything but the LM head lives under the backbone `model.`.
@@ -174,7 +175,6 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
     model.load_state_dict(sd, strict=True)
     tokenizer = None
     if os.path.lexists(hf_dir / OUR_TOKENIZER):
-        from ..tokenizer import load_tokenizer as load_tokenizer_file
         tokenizer = load_tokenizer_file(_plain_file(hf_dir, OUR_TOKENIZER))
     elif os.path.lexists(hf_dir / "tokenizer.json"):  # the model's own: tokenizer.json + its config files
         for name in HF_TOKENIZER_FILES:
