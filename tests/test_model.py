@@ -132,7 +132,7 @@ def test_sparse_dispatch_equals_dense_moe_values_and_grads(top_k, grouped, monke
     op = {"public": getattr(F, "grouped_mm", None), "private": getattr(torch, "_grouped_mm", None)}.get(grouped)
     if grouped and op is None:
         pytest.skip(f"this torch has no {grouped} grouped_mm")
-    monkeypatch.setattr(expert_kernels, "_grouped_mm", lambda x: op)
+    monkeypatch.setattr(expert_kernels, "_grouped_mm", lambda x, w: op)
     cfg = ModelConfig(**{**TINY, "num_local_experts": 6, "num_experts_per_tok": top_k})
     moe = MoE(cfg)
     moe.init_weights(0.2)

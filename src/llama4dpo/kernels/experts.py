@@ -37,33 +37,64 @@ def _autocast(x, *weights):
     return x, *weights
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   adapters=None) -> torch.Tensor:
     """x (N, D): token slots sorted by expert, counts (E,) slots per expert -> (N, D): each expert's
-    down(silu(gate(x)) * up(x)) on its own slots."""
+    down(silu(gate(x)) * up(x)) on its own slots; with `adapters` (model/lora.py:ExpertAdapters, on) each
+    product adds its expert's scale * (x A_e) B_e, grouped the same way."""
     x, gate_up, down = _autocast(x, gate_up, down)
+    lora = _lora(x, adapters)
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and len(x) >= FEW_ROWS:
-        return _padded(x, counts, gate_up, down)
-    return _swiglu(x, counts, gate_up, down)
+        return _padded(x, counts, gate_up, down, lora)
+    return _swiglu(x, counts, gate_up, down, lora)
 
 
-def per_slot_swiglu(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def per_slot_swiglu(x: torch.Tensor, expert: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    adapters=None) -> torch.Tensor:
     """x (N, D), expert (N,) -> (N, D): each slot through its own expert (CPU decoding, see `decode_per_slot`)."""
     x, gate_up, down = _autocast(x, gate_up, down)
-    hidden = down.shape[1]
-    if not torch.compiler.is_compiling():  # one slot, eager: its expert's weights directly
+    lora = _lora(x, adapters)
+    if torch.compiler.is_compiling():
+        def mm(a, w):
+            return rowwise_matmul(a, w, expert)
+    else:  # one slot, eager: its expert's weights directly
         e = int(expert[0])
-        gate, up = (x @ gate_up[e]).split(hidden, dim=-1)
-        return (F.silu(gate) * up) @ down[e]
-    gate, up = rowwise_matmul(x, gate_up, expert).split(hidden, dim=-1)
-    return rowwise_matmul(F.silu(gate) * up, down, expert)
+
+        def mm(a, w):
+            return a @ w[e]
+    return _swiglu_with(mm, x, gate_up, down, lora)
 
 
-def _swiglu(x, counts, gate_up, down):
-    gate, up = grouped_matmul(x, gate_up, counts).split(down.shape[1], dim=-1)
-    return grouped_matmul(F.silu(gate) * up, down, counts)
+def _lora(x, adapters):
+    """(gate_up A, gate_up B, down A, down B, scale) in x's dtype, or None (no adapters, or switched off)."""
+    if adapters is None or not adapters.enabled:
+        return None
+    ws = (adapters.gate_up_A, adapters.gate_up_B, adapters.down_A, adapters.down_B)
+    return (*(w.to(x.dtype) for w in ws), adapters.scale)
 
 
-def _padded(x, counts, gate_up, down, multiple: int = FEW_ROWS):
+def _swiglu_with(mm, x, gate_up, down, lora):
+    """down(silu(gate) * up) with gate|up = x gate_up, each product `mm(a, w)` of a's rows with their expert's w,
+    plus the adapters' scale * mm(mm(a, A), B)."""
+    h = mm(x, gate_up)
+    if lora is not None:
+        h = h + lora[4] * mm(mm(x, lora[0]), lora[1])
+    gate, up = h.split(down.shape[1], dim=-1)
+    a = F.silu(gate) * up
+    y = mm(a, down)
+    if lora is not None:
+        y = y + lora[4] * mm(mm(a, lora[2]), lora[3])
+    return y
+
+
+def _swiglu(x, counts, gate_up, down, lora=None):
+    if lora is None:  # (the base products alone, as written before adapters existed)
+        gate, up = grouped_matmul(x, gate_up, counts).split(down.shape[1], dim=-1)
+        return grouped_matmul(F.silu(gate) * up, down, counts)
+    return _swiglu_with(lambda a, w: grouped_matmul(a, w, counts), x, gate_up, down, lora)
+
+
+def _padded(x, counts, gate_up, down, lora=None, multiple: int = FEW_ROWS):
     """CPU bf16 (all but decoding): oneDNN builds (and caches) a kernel per distinct group size, so with counts
     that change every step it keeps compiling and its cache grows. Rounding every group up to a multiple of 64
     rows (zero rows, whose outputs are dropped) bounds the shapes it sees."""
@@ -74,11 +105,13 @@ def _padded(x, counts, gate_up, down, multiple: int = FEW_ROWS):
     # compiled, a size fixed in advance (the rows past the last group are never read); eager, the exact size
     rows = len(x) + len(counts) * (multiple - 1) if torch.compiler.is_compiling() else int(padded.sum())
     buf = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
-    return _swiglu(buf, padded, gate_up, down)[dest]
+    return _swiglu(buf, padded, gate_up, down, lora)[dest]
 
 
-def _grouped_mm(x: torch.Tensor):
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor):
     """The grouped-GEMM op for x's device and dtype, or None where per-group products must do."""
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return None  # grouped_mm needs rows whose strides are multiples of 16 bytes (e.g. a LoRA rank of 4 in bf16)
     if x.device.type == "cpu":  # any dtype in eager; torch.compile's shape rules accept bf16 only
         ok = x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
         return _GROUPED_MM if ok else None
@@ -94,7 +127,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     # 8 experts: 6.9 vs 7.7 ms); with autograd, w[e] would cost a full-size gradient per expert.
     no_grad = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     decoding = no_grad and x.device.type == "cpu" and len(x) < FEW_ROWS
-    if (mm := _grouped_mm(x)) is not None and not decoding:
+    if (mm := _grouped_mm(x, w)) is not None and not decoding:
         return mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     compiling = torch.compiler.is_compiling()
     if compiling and x.device.type != "cpu" and len(x) <= FEW_ROWS:

@@ -39,14 +39,15 @@ class ExpertMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.adapters = None  # per-expert LoRA (model/lora.py), set by add_lora
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D): token slots sorted by expert, counts (E,) slots per expert -> (N, D)."""
-        return grouped_swiglu(x, counts, self.gate_up_proj, self.down_proj)
+        return grouped_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.adapters)
 
     def per_slot(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """x (N, D), expert (N,) -> (N, D): each slot through its own expert, unsorted (decoding)."""
-        return per_slot_swiglu(x, expert, self.gate_up_proj, self.down_proj)
+        return per_slot_swiglu(x, expert, self.gate_up_proj, self.down_proj, self.adapters)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.gate_up_proj, std=std)

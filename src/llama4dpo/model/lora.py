@@ -1,0 +1,100 @@
+"""LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A x, the base W frozen, A (r, in) random and B (out, r) zero at
+the start, so an adapted model begins as its base.
+
+Every linear layer can carry one (attention q/k/v/o, the dense MLP, the MoE's shared expert), and the routed experts
+carry one per expert: A (E, in, r) and B (E, r, out) beside their fused (E, in, out) weights, applied in the same
+grouped products as the weights (kernels/experts.py), never a Python loop over experts. With the adapters off
+(`adapters_off`) the model computes its base exactly: DPO's reference without a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGETS = ("attention", "mlp", "shared_expert", "experts")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a low-rank update; `weight` (and `bias`) keep their names, so checkpoints of the base load."""
+
+    def add_adapter(self, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+        self.lora_A = nn.Parameter(self.weight.new_empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # (as nn.Linear and PEFT initialise A)
+        self.lora_scale, self.lora_dropout, self.lora_enabled = alpha / rank, dropout, True
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.lora_enabled:
+            return y
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        return y + self.lora_scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
+
+
+class ExpertAdapters(nn.Module):
+    """Per-expert low-rank updates of the fused expert weights gate_up (E, D, 2I) and down (E, I, D)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, rank: int, alpha: float):
+        super().__init__()
+        self.gate_up_A = nn.Parameter(torch.empty(num_experts, dim, rank))
+        self.gate_up_B = nn.Parameter(torch.zeros(num_experts, rank, 2 * hidden))
+        self.down_A = nn.Parameter(torch.empty(num_experts, hidden, rank))
+        self.down_B = nn.Parameter(torch.zeros(num_experts, rank, dim))
+        for a in (self.gate_up_A, self.down_A):  # each expert's A as nn.Linear would initialise an (r, in) matrix
+            bound = 1 / math.sqrt(a.shape[1])
+            nn.init.uniform_(a, -bound, bound)
+        self.scale, self.enabled = alpha / rank, True
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: tuple[str, ...] = TARGETS) -> nn.Module:
+    """Freeze `model` and give the `targets` adapters (in place; returns the model)."""
+    from .moe import MoE  # (moe.py imports nothing from here)
+
+    unknown = set(targets) - set(TARGETS)
+    if unknown or rank < 1:
+        raise ValueError(f"lora: rank must be >= 1 and targets among {TARGETS}, got {rank}, {sorted(unknown)}")
+    model.requires_grad_(False)
+    for layer in model.layers:
+        linears = []
+        if "attention" in targets:
+            a = layer.self_attn
+            linears += [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
+        ff = layer.feed_forward
+        if isinstance(ff, MoE):
+            if "shared_expert" in targets:
+                linears += [ff.shared_expert.gate_proj, ff.shared_expert.up_proj, ff.shared_expert.down_proj]
+            if "experts" in targets:
+                E, D, two_i = ff.experts.gate_up_proj.shape
+                ff.experts.adapters = ExpertAdapters(E, D, two_i // 2, rank, alpha).to(ff.experts.gate_up_proj)
+        elif "mlp" in targets:
+            linears += [ff.gate_proj, ff.up_proj, ff.down_proj]
+        for lin in linears:
+            lin.__class__ = LoRALinear
+            lin.add_adapter(rank, alpha, dropout)
+    return model
+
+
+def lora_modules(model: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in model.modules() if isinstance(m, (LoRALinear, ExpertAdapters)))
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model inside the block (every adapter skipped), the adapters as they were after it."""
+    modules = list(lora_modules(model))
+    before = [m.lora_enabled if isinstance(m, LoRALinear) else m.enabled for m in modules]
+    try:
+        for m in modules:
+            setattr(m, "lora_enabled" if isinstance(m, LoRALinear) else "enabled", False)
+        yield model
+    finally:
+        for m, on in zip(modules, before):
+            setattr(m, "lora_enabled" if isinstance(m, LoRALinear) else "enabled", on)
