@@ -144,3 +144,23 @@ def test_adapters_train_under_bf16_autocast():
     a = model.layers[1].feed_forward.experts.adapters
     assert a.down_B.grad.abs().sum() > 0 and model.layers[0].self_attn.q_proj.lora_B.grad.abs().sum() > 0
     assert model.layers[0].self_attn.q_proj.weight.grad is None  # the base stays frozen
+
+
+def trainable_share(model_cfg) -> float:
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = add_lora(LlamaModel(model_cfg), rank=8, alpha=16.0)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+
+
+def test_rank_8_trains_at_most_2_percent_of_the_100m_preset_and_smollm2_135m():
+    from llama4dpo import Config
+    moe_100m = Config.load("llama4-100m").model
+    smollm2 = ModelConfig(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                          intermediate_size_mlp=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, moe_layers=[], no_rope_layers=[1] * 30, attention_chunk_size=None,
+                          use_qk_norm=False, attn_temperature_tuning=False, tie_word_embeddings=True,
+                          max_position_embeddings=8192)
+    shares = trainable_share(moe_100m), trainable_share(smollm2)
+    print(f"rank 8: {shares[0]:.2%} of the 100m preset's parameters train, {shares[1]:.2%} of SmolLM2-135M's")
+    assert all(0 < s <= 0.02 for s in shares), shares
