@@ -6,7 +6,6 @@ import copy
 import struct
 import subprocess
 import sys
-import unicodedata
 import zipfile
 
 import gguf
@@ -16,7 +15,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as Q, GGUFValueType as V  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from test_interop_llama import hf_model as random_llama  # noqa: E402
 
 from llama4dpo import load_model  # noqa: E402
 from llama4dpo.checkpoint import has_tokenizer, load_config  # noqa: E402
@@ -61,14 +62,8 @@ CASES = {
 # ---- writing GGUF files as llama.cpp's converter does -----------------------------------------------------------
 
 def hf_model(**kw):
-    """A LlamaForCausalLM with every parameter random and far from transformers' init, so that a wrong q/k
-    order, bias or norm shows in the logits."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**{**BASE, **kw}), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
-    return model
+    """test_interop_llama's random LlamaForCausalLM, with this file's sizes (a byte-level vocabulary)."""
+    return random_llama(kw, BASE)
 
 
 def bytes_to_unicode() -> dict[int, str]:

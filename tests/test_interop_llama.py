@@ -36,11 +36,11 @@ CONFIGS = {
 }
 
 
-def hf_model(kw):
+def hf_model(kw, base=BASE):
     """A LlamaForCausalLM with every parameter random and far from transformers' init (biases zero, norms one,
     std 0.02), so that attention is sharp and a wrong q/k order, bias or norm shows in the logits."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**{**BASE, **kw}), attn_implementation="eager").eval()
+    model = LlamaForCausalLM._from_config(LlamaConfig(**{**base, **kw}), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)

@@ -88,9 +88,6 @@ def _swiglu_with(mm, x, gate_up, down, lora):
 
 
 def _swiglu(x, counts, gate_up, down, lora=None):
-    if lora is None:  # (the base products alone, as written before adapters existed)
-        gate, up = grouped_matmul(x, gate_up, counts).split(down.shape[1], dim=-1)
-        return grouped_matmul(F.silu(gate) * up, down, counts)
     return _swiglu_with(lambda a, w: grouped_matmul(a, w, counts), x, gate_up, down, lora)
 
 

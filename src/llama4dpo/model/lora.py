@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moe import MoE
+
 TARGETS = ("attention", "mlp", "shared_expert", "experts")
 
 
@@ -27,12 +29,12 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(self.weight.new_empty(rank, self.in_features))
         self.lora_B = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # (as nn.Linear and PEFT initialise A)
-        self.lora_scale, self.lora_dropout, self.lora_enabled = alpha / rank, dropout, True
+        self.lora_scale, self.lora_dropout, self.enabled = alpha / rank, dropout, True
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if not self.lora_enabled:
+        if not self.enabled:
             return y
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         return y + self.lora_scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
@@ -56,8 +58,6 @@ class ExpertAdapters(nn.Module):
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
              targets: tuple[str, ...] = TARGETS) -> nn.Module:
     """Freeze `model` and give the `targets` adapters (in place; returns the model)."""
-    from .moe import MoE  # (moe.py imports nothing from here)
-
     unknown = set(targets) - set(TARGETS)
     if unknown or rank < 1:
         raise ValueError(f"lora: rank must be >= 1 and targets among {TARGETS}, got {rank}, {sorted(unknown)}")
@@ -90,11 +90,11 @@ def lora_modules(model: nn.Module) -> Iterator[nn.Module]:
 def adapters_off(model: nn.Module):
     """The base model inside the block (every adapter skipped), the adapters as they were after it."""
     modules = list(lora_modules(model))
-    before = [m.lora_enabled if isinstance(m, LoRALinear) else m.enabled for m in modules]
+    before = [m.enabled for m in modules]
     try:
         for m in modules:
-            setattr(m, "lora_enabled" if isinstance(m, LoRALinear) else "enabled", False)
+            m.enabled = False
         yield model
     finally:
         for m, on in zip(modules, before):
-            setattr(m, "lora_enabled" if isinstance(m, LoRALinear) else "enabled", on)
+            m.enabled = on
