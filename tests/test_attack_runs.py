@@ -158,6 +158,8 @@ def test_two_concurrent_runs_into_one_directory(tmp_path):
         assert second.returncode == 2
         assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1
         assert f"another run is using this directory (pid {first.pid} on" in second.stderr
+        while '"tokens_per_s"' not in (out / "metrics.jsonl").read_text() and time.time() < deadline + 120:
+            time.sleep(0.1)  # (a loaded machine: let the first run log a step before it is stopped)
     finally:
         first.kill()
         first.wait()

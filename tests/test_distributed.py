@@ -1,5 +1,5 @@
 """torchrun on CPU (gloo), 2 processes, through the real CLI: per-step losses equal a 1-process run with the
-same global batch, for DDP and FSDP2, for pretraining and DPO; checkpoints move between 1 and 2 processes."""
+same global batch, for DDP and FSDP2, for pretraining, DPO and LoRA DPO; checkpoints move between 1 and 2 processes."""
 
 import gc
 import io
@@ -61,7 +61,11 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     ok(launch([*PRETRAIN, "--out", str(root / "pre")]))
     ok(launch([*dpo_args(root), "--out", str(root / "dpo")]))
+    ok(launch([*dpo_args(root), "--out", str(root / "lora"), *LORA]))
     return root
+
+
+LORA = ["lora.rank=4", "lora.train_router=true"]  # adapters on every layer kind, and the routers in full
 
 
 def dpo_args(root: Path, steps: int = 6) -> list[str]:
@@ -78,6 +82,12 @@ def test_two_processes_give_the_losses_of_one(single, tmp_path, strategy):
     from safetensors.torch import load_file
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (single / "dpo", tmp_path / "dpo"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # LoRA DPO (reference = adapters off): adapters replicated under DDP, sharded with their blocks under FSDP2
+    ok(launch([*dpo_args(single), "--out", str(tmp_path / "lora"), f"distributed.strategy={strategy}", *LORA], nproc=2))
+    assert_same_losses(single / "lora", tmp_path / "lora")
+    a, b = (load_file(str(d / "final" / "adapters.safetensors")) for d in (single / "lora", tmp_path / "lora"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(".router." in k for k in a) and any("experts.adapters" in k for k in a)
 
 
 def test_checkpoints_move_between_two_processes_and_one(single, tmp_path):

@@ -21,7 +21,7 @@ from ..errors import UserError
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
 # Every file a checkpoint or an export holds: atomic_dir replaces a directory holding nothing else.
-MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json",
+MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "adapters.safetensors", "base.json", "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json"}
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a full disk or a read-only folder raises
 

@@ -1,4 +1,5 @@
-"""Model checkpoints: a directory with config.json, model.safetensors and (optionally) tokenizer.json.
+"""Model checkpoints: a directory with config.json, model.safetensors and (optionally) tokenizer.json; or, from
+a LoRA run, adapters.safetensors and base.json in place of model.safetensors (adapters.py).
 
 Nothing here unpickles: weights are safetensors, everything else is JSON; every weight is checked finite
 floating point on the way in and out. Written atomically (files.py).
@@ -6,6 +7,8 @@ floating point on the way in and out. Written atomically (files.py).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -16,8 +19,10 @@ from safetensors.torch import load_file, save_file
 from ..config import Config
 from ..errors import UserError
 from ..model import LlamaModel
+from ..model.lora import apply_lora, merge_lora
 from ..resources import check_model
 from ..tokenizer import load_tokenizer as _load
+from .adapters import ADAPTERS, BASE, adapter_state, base_record, is_adapter_checkpoint, read_base, trained_names
 from .files import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, refuse_symlinks, verify_manifest
 
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
@@ -32,12 +37,18 @@ def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, 
     return sd
 
 
-def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None) -> None:
-    """Write the three model files into an existing directory (no atomicity: see `atomic_dir`). Refuses
-    (NonFiniteError) a state holding NaN or inf: no checkpoint is ever published with one."""
+def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None,
+                      base: Path | None = None) -> None:
+    """Write the model files into an existing directory (no atomicity: see `atomic_dir`): the whole model, or
+    with `base` (a LoRA run's) its trained tensors and base.json. Refuses (NonFiniteError) a state holding NaN
+    or inf: no checkpoint is ever published with one."""
     sd = model_state_dict(model, state)
+    if base is not None:
+        sd = adapter_state(model, sd)
     check_finite(sd, "the model's weights")
-    save_file(sd, str(directory / WEIGHTS), metadata={"format": "pt"})
+    save_file(sd, str(directory / (ADAPTERS if base is not None else WEIGHTS)), metadata={"format": "pt"})
+    if base is not None:
+        (directory / BASE).write_text(json.dumps(base_record(base), indent=1) + "\n")
     cfg.save_json(directory / CONFIG)
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
@@ -54,9 +65,10 @@ def check_finite(tensors: dict, what: str) -> None:
             raise NonFiniteError(f"{what}: {name} holds NaN or inf")
 
 
-def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None) -> Path:
+def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None,
+               base: Path | None = None) -> Path:
     with atomic_dir(path) as tmp:
-        write_model_files(tmp, model, cfg, tokenizer, state)
+        write_model_files(tmp, model, cfg, tokenizer, state, base)
     return Path(path)
 
 
@@ -65,11 +77,14 @@ def load_config(path: str | Path) -> Config:
     return Config.load_json(path / CONFIG)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaModel:
-    """Build the model from `path/config.json` and load `path/model.safetensors` (strictly)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge: bool = True) -> LlamaModel:
+    """Build the model from `path/config.json` and load `path/model.safetensors` (strictly); for an adapter
+    checkpoint, its base with the adapters loaded and (`merge`) folded in."""
     path = _checkpoint_dir(path)
     verify_manifest(path)
     cfg = load_config(path)
+    if is_adapter_checkpoint(path):
+        return load_adapted(path, cfg, merge=merge).to(device).eval()
     check_model(cfg.model, "cpu", str(path / CONFIG), copies=2)  # built on the CPU, beside the weights read
     check_model(cfg.model, device, str(path / CONFIG))
     model = LlamaModel(cfg.model)
@@ -77,25 +92,45 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LlamaMod
     return model.to(device).eval()
 
 
+def load_adapted(path: Path, cfg: Config, *, merge: bool = True, base: Path | None = None) -> LlamaModel:
+    """An adapter checkpoint's base (checked unchanged; with `base`, that one) with its adapters loaded."""
+    base_path = read_base(path, expected=base)
+    model = load_model(base_path)  # (itself an adapter checkpoint, merged, when LoRA was stacked on LoRA)
+    if model.cfg != cfg.model:
+        raise UserError(f"{path / CONFIG}: its [model] differs from its base {base_path}'s")
+    apply_lora(model, dataclasses.replace(cfg.lora, base_dtype="fp32"))
+    load_adapters(model, path / ADAPTERS)
+    return merge_lora(model) if merge else model
+
+
+def load_adapters(model: LlamaModel, file: Path) -> None:
+    """The trained tensors of an adapter checkpoint into an adapted model (each name it trains, nothing else)."""
+    model.load_state_dict(read_weights(model, file, adapters=True), strict=False)
+
+
 def load_weights(model: LlamaModel, file: Path) -> None:
     model.load_state_dict(read_weights(model, file), strict=True)
 
 
-def read_weights(model: LlamaModel, file: Path) -> dict[str, torch.Tensor]:
-    """The state dict in `file`, checked against the model's names and shapes (one-line errors)."""
+def read_weights(model: LlamaModel, file: Path, *, adapters: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in `file`, checked against the model's names and shapes (one-line errors); `adapters`:
+    the model's trained tensors only (an adapter checkpoint's)."""
     if not file.is_file():
         raise UserError(f"{file}: missing model weights")
     try:
         sd = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{file}: not a readable safetensors file ({e})") from None
-    if model.cfg.tie_word_embeddings:
-        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
     expected = model.state_dict()
+    if adapters:
+        expected = {n: expected[n] for n in trained_names(model)}
+    elif model.cfg.tie_word_embeddings:
+        sd.setdefault("lm_head.weight", sd.get("embed_tokens.weight"))
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{file}: weights do not match config.json "
+        what = "adapters do not match the [lora] of" if adapters else "weights do not match"
+        raise UserError(f"{file}: {what} config.json "
                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
     for k, v in sd.items():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
+from .adapters import ADAPTERS
 from .files import WEIGHTS, read_json
 from .state import checkpoint_dirs, latest_good_checkpoint
 
@@ -214,11 +215,10 @@ def release_run_dir(out: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory, or a run directory (its final/ or its latest checkpoint)."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
-        return path
-    if (path / "final" / WEIGHTS).is_file():
-        return path / "final"
+    for candidate in (path, path / "final"):
+        if (candidate / WEIGHTS).is_file() or (candidate / ADAPTERS).is_file():
+            return candidate
     found = checkpoint_dirs(path)
     if found:
         return found[-1]
-    raise UserError(f"{path}: not a checkpoint or run directory (no {WEIGHTS})")
+    raise UserError(f"{path}: not a checkpoint or run directory (no {WEIGHTS} or {ADAPTERS})")

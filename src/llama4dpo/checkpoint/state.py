@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import ADAPTERS, read_base
 from .files import WEIGHTS, WriteError, atomic_dir, verify_manifest
 from .model import check_finite, read_weights, write_model_files
 from ..errors import UserError
@@ -47,13 +48,14 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict, optimizer_state: dict, cfg,
-                             tokenizer, loop_state: dict, keep_last: int) -> Path:
-    """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state)."""
+                             tokenizer, loop_state: dict, keep_last: int, base: Path | None = None) -> Path:
+    """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state); with `base` (LoRA)
+    only the trained tensors are written, beside base.json."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
     try:
         check_finite(flat_tensors(optimizer_state), f"optimizer state at step {step}")
         with atomic_dir(final) as tmp:
-            write_model_files(tmp, model, cfg, tokenizer, state=model_state)  # (refuses NaN/inf weights)
+            write_model_files(tmp, model, cfg, tokenizer, model_state, base)  # (refuses NaN/inf weights)
             torch.save({"optimizer": optimizer_state, "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
             fault_point("save", step)
@@ -104,11 +106,16 @@ def latest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_training_checkpoint(path: Path, model, optimizer, dist) -> dict:
-    """Restore model, optimizer and RNG in place (every rank reads the files); return the loop state."""
+def load_training_checkpoint(path: Path, model, optimizer, dist, base: Path | None = None) -> dict:
+    """Restore model, optimizer and RNG in place (every rank reads the files); return the loop state. With
+    `base` (LoRA), the trained tensors only, once base.json shows they were trained on `base` as it is now."""
     path = Path(path)
     verify_manifest(path, required=True)
-    weights = read_weights(model, path / WEIGHTS)  # (names, shapes, dtypes and finiteness checked)
+    if (base is not None) != (path / ADAPTERS).is_file():
+        raise UserError(f"{path}: {'a full model' if base is not None else 'adapters'}, not what this run trains")
+    if base is not None:
+        read_base(path, expected=base)
+    weights = read_weights(model, path / (ADAPTERS if base is not None else WEIGHTS), adapters=base is not None)
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "trainer_state.json").read_text())
@@ -118,7 +125,7 @@ def load_training_checkpoint(path: Path, model, optimizer, dist) -> dict:
     check_loop_state(path, state)
     check_rng_state(path, blob)
     optim = check_optimizer_state(path, model, optimizer, blob["optimizer"], state["step"])
-    dist.load_model_state(model, weights)
+    dist.load_model_state(model, weights, strict=base is None)
     try:
         dist.load_optimizer_state(model, optimizer, optim)
     except (KeyError, ValueError, RuntimeError, TypeError) as e:

@@ -1,10 +1,16 @@
-"""Model-file commands: info, export-hf, import-hf, manifest."""
+"""Model-file commands: info, export-hf, import-hf, merge, manifest."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import MANIFEST, has_tokenizer, load_model, refuse_symlinks, write_manifest
+import dataclasses
+
+from ..checkpoint import (MANIFEST, has_tokenizer, load_config, load_model, load_tokenizer, refuse_symlinks, save_model,
+                          write_manifest)
+from ..checkpoint.adapters import is_adapter_checkpoint, read_base
+from ..config import LoRAConfig
+from ..model.lora import trainable_summary
 from ..errors import UserError
 from ..interop import export_hf, import_hf
 from .args import checkpoint_arg
@@ -31,6 +37,12 @@ def cmd_info(args) -> int:
         ("parameters (active per token)", f"{active:,}"),
         ("tokenizer", "yes" if has_tokenizer(ckpt) else "none"),
     ]
+    if is_adapter_checkpoint(ckpt):
+        lora = load_config(ckpt).lora
+        rows += [("LoRA adapters", f"rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}"
+                                   f"{' + routers' if lora.train_router else ''}: "
+                                   f"{trainable_summary(load_model(ckpt, merge=False))}"),
+                 ("base checkpoint", str(read_base(ckpt)))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -46,6 +58,16 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hf(args) -> int:
     out = import_hf(args.hf_dir, args.out_ckpt)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    ckpt = checkpoint_arg(args.ckpt)
+    if not is_adapter_checkpoint(ckpt):
+        raise UserError(f"{ckpt}: holds a whole model already (no adapters.safetensors): nothing to merge")
+    cfg = dataclasses.replace(load_config(ckpt), lora=LoRAConfig())  # a plain model from here on
+    out = save_model(args.out_ckpt, load_model(ckpt), cfg, load_tokenizer(ckpt) if has_tokenizer(ckpt) else None)
+    print(f"wrote {out}: {ckpt}'s adapters folded into its base, a full checkpoint")
     return 0
 
 
@@ -76,6 +98,12 @@ def add_commands(sub) -> None:
     s.add_argument("hf_dir")
     s.add_argument("out_ckpt")
     s.set_defaults(func=cmd_import_hf)
+
+    s = sub.add_parser("merge", help="fold a LoRA run's adapters into its base: a full checkpoint (generate, eval, "
+                                     "export-hf and training take either)")
+    s.add_argument("ckpt")
+    s.add_argument("out_ckpt")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("manifest", help="trust a checkpoint as it is: (re)write its manifest.json of sizes and "
                                         "sha256 sums, which resuming requires")

@@ -15,7 +15,9 @@ Unknown keys and impossible values are `ConfigError`s whose one-line message nam
 from .coerce import _coerce  # noqa: F401 (interop/hf.py imports it from here)
 from .load import PRESETS, Config, parse_override, resolve_preset
 from .model import ModelConfig
-from .sections import COMPILE_MODES, CUDA_GRAPH_MODES, DataConfig, DistributedConfig, DPOConfig, TrainConfig
+from .sections import (COMPILE_MODES, CUDA_GRAPH_MODES, DataConfig, DistributedConfig, DPOConfig, LORA_TARGETS,
+                       LoRAConfig, TrainConfig)
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "DPOConfig", "DistributedConfig", "COMPILE_MODES",
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "DPOConfig", "DistributedConfig", "LoRAConfig", "LORA_TARGETS",
+           "COMPILE_MODES",
            "CUDA_GRAPH_MODES", "PRESETS", "resolve_preset", "parse_override"]

@@ -17,7 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
 from ..errors import ConfigError
 from .coerce import _RAW, _coerce
 from .model import ModelConfig
-from .sections import DataConfig, DistributedConfig, DPOConfig, TrainConfig
+from .sections import DataConfig, DistributedConfig, DPOConfig, LoRAConfig, TrainConfig
 
 
 @dataclass
@@ -27,10 +27,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> "Config":
-        for section in (self.model, self.data, self.train, self.dpo, self.distributed):
+        for section in (self.model, self.data, self.train, self.dpo, self.distributed, self.lora):
             section.validate()
+        if self.lora.enabled and self.lora.base_dtype == "bf16" and self.train.precision != "bf16":
+            raise ConfigError("lora.base_dtype=bf16 computes through autocast: set train.precision=bf16")
         return self
 
     def to_dict(self) -> dict:
@@ -98,7 +101,7 @@ def _is_file(path: Path) -> bool:
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "dpo": DPOConfig,
-                  "distributed": DistributedConfig}
+                  "distributed": DistributedConfig, "lora": LoRAConfig}
 
 
 def _with_overrides(d: dict, overrides: list[str]) -> dict:

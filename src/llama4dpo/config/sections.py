@@ -3,7 +3,7 @@ preference objective and the distributed strategy, each with its checks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
@@ -119,6 +119,38 @@ class DPOConfig:
             raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+
+
+LORA_TARGETS = ("attention", "mlp", "shared_expert", "experts")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (model/lora.py) for sft and dpo; rank 0 trains every weight instead."""
+    rank: int = 0                    # 0: full fine-tuning; 8 or 16 is usual
+    alpha: float = 16.0              # updates scaled by alpha / rank
+    dropout: float = 0.0             # on the adapters' input (linear layers; not the routed experts)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention, mlp, shared_expert, experts
+    train_router: bool = False       # the MoE routers train too (in full), saved with the adapters
+    base_dtype: str = "fp32"         # "bf16": the frozen base matrices held in bf16 (needs train.precision=bf16)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank: must be >= 0 (0 trains every weight), got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or (self.enabled and not self.targets and not self.train_router):
+            raise ConfigError(f"lora.targets: each one of {', '.join(LORA_TARGETS)} (at least one), "
+                              f"got {self.targets}")
+        if self.base_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"lora.base_dtype: must be 'fp32' or 'bf16', got {self.base_dtype!r}")
 
 
 @dataclass

@@ -82,6 +82,70 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     return model
 
 
+def apply_lora(model: nn.Module, cfg) -> nn.Module:
+    """`add_lora` as the `lora` config section says (config/sections.py:LoRAConfig): the routers trained in full
+    with `train_router`; with base_dtype bf16, the frozen matrices (all but the embedding, which feeds the fp32
+    residual stream) held in bf16 while the adapters train in fp32."""
+    add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+    if cfg.train_router:
+        for layer in model.layers:
+            if isinstance(layer.feed_forward, MoE):
+                layer.feed_forward.router.requires_grad_(True)
+    if cfg.base_dtype == "bf16":
+        embedding = model.embed_tokens.weight
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() >= 2 and p is not embedding:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W + scale * B A; per expert A_e B_e in (in, out) orientation) and
+    remove it: a plain model computing what the adapted one did (in place; returns the model)."""
+    for m in list(model.modules()):
+        if isinstance(m, LoRALinear):
+            m.weight += m.lora_scale * (m.lora_B.float() @ m.lora_A.float()).to(m.weight.dtype)
+            for name in ("lora_A", "lora_B"):
+                delattr(m, name)
+            m.__class__ = nn.Linear
+        elif getattr(m, "adapters", None) is not None:  # ExpertMLP
+            a = m.adapters
+            m.gate_up_proj += a.scale * torch.bmm(a.gate_up_A.float(), a.gate_up_B.float()).to(m.gate_up_proj.dtype)
+            m.down_proj += a.scale * torch.bmm(a.down_A.float(), a.down_B.float()).to(m.down_proj.dtype)
+            m.adapters = None
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """"LoRA: N trainable parameters of M (x%)": what a LoRA run prints at start-up (and `info` of its checkpoints)."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trained:,} trainable parameters of {total:,} ({100 * trained / max(total, 1):.2f}%)"
+
+
+class WithoutAdapters:
+    """The adapted model called with every adapter off: DPO's reference, the base, with no second copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with adapters_off(self.model):
+            return self.model(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
 def lora_modules(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, (LoRALinear, ExpertAdapters)))
 

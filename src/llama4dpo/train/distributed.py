@@ -166,12 +166,13 @@ class Dist:
         return get_optimizer_state_dict(model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def load_model_state(self, model, state: dict) -> None:
+    def load_model_state(self, model, state: dict, strict: bool = True) -> None:
+        """strict=False: `state` holds some of the model's tensors (a LoRA run's adapters), the rest stay."""
         if not self.enabled:
-            model.load_state_dict(state)
+            model.load_state_dict(state, strict=strict)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def load_optimizer_state(self, model, optimizer, state: dict) -> None:
         if not self.enabled:

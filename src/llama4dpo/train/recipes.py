@@ -12,8 +12,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import (WEIGHTS, WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model,
+from ..checkpoint import (WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model,
                           write_error_cause)
+from ..checkpoint.adapters import checkpoint_fingerprint
 from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..config import Config, TrainConfig
 from ..data import (check_context, collate_sft, load_preference_data, load_sft_data, load_token_streams,
@@ -21,6 +22,7 @@ from ..data import (check_context, collate_sft, load_preference_data, load_sft_d
 from ..data.batches import ExampleBatches, StreamBatches
 from ..errors import UserError
 from ..model import LlamaModel
+from ..model.lora import WithoutAdapters, apply_lora, trainable_summary
 from ..objectives import LanguageModeling, Preference, precompute_reference_logps
 from ..resources import check_training
 from ..runtime import autocast, resolve_device
@@ -43,7 +45,7 @@ def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> 
 
     def write():
         try:
-            final = save_model(out / "final", trainer.model, cfg, tokenizer, state=state)
+            final = save_model(out / "final", trainer.model, cfg, tokenizer, state, trainer.base)
         except UserError as e:  # (a write error, or a NaN the checks before could not see)
             raise UserError(f"{e}; stopped. Last good checkpoint: {trainer.latest_checkpoint()}") from None
         return final
@@ -83,6 +85,9 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "pretrain" and cfg.lora.enabled:
+        raise UserError("lora.rank > 0 adapts a trained model (sft, dpo); pretraining trains every weight: "
+                        "set lora.rank=0")
     out = Path(out)
     dist, device, show = _setup(cfg, show)
     micro, rows = batch_plan(cfg.train, dist)
@@ -93,7 +98,8 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         ref = resolve_checkpoint(ref) if ref is not None else init
         inputs = {"command": stage, "data": data, "init": init.resolve(),
                   **({"ref": ref.resolve()} if stage == "dpo" else {})}
-    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref,
+    lora_ref = cfg.lora.enabled and stage == "dpo" and ref.resolve() == init.resolve()  # reference = adapters off
+    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref and not lora_ref,
                    command=stage, world_size=dist.world,
                    sharded=dist.strategy == "fsdp")
     resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume, inputs=inputs)
@@ -104,6 +110,11 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         pdata = _examples(stage, cfg, data, out, tokenizer, show, dist)
         torch.manual_seed(cfg.train.seed)
         model = load_model(init, device)
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora)
+            if show:
+                print(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
+                      f"{' and the routers' if cfg.lora.train_router else ''}: {trainable_summary(model)}")
         collate = collate_sft if stage == "sft" else preference_collator(cfg.dpo.share_prompt)
         collate = functools.partial(collate, pad_id=tokenizer.pad_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
         train = ExampleBatches(pdata.train, collate, micro, cfg.train.grad_accum_steps, cfg.train.seed, rows)
@@ -115,7 +126,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
             objective, eval_objective = _preference_objectives(cfg, model, init, ref, train, evals, pdata, out,
                                                                device, dist)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
-                      eval_objective=eval_objective, dist=dist)
+                      eval_objective=eval_objective, dist=dist, base=init if cfg.lora.enabled else None)
     if resume_from is not None:
         trainer.resume(resume_from)
     trainer.fit()
@@ -163,8 +174,11 @@ def _pretrain_parts(cfg: Config, data: str, tokenizer, micro: int, rows: slice, 
 def _preference_objectives(cfg: Config, model, init: Path, ref: Path, train, evals, pdata, out: Path, device,
                            dist: Dist):
     """DPO's objectives for training and eval: against the reference model, or against its log-probs computed
-    once (dpo.precompute_ref), in which case no reference is held while training."""
-    if cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
+    once (dpo.precompute_ref), in which case no reference is held while training. With LoRA the reference is
+    the policy with its adapters off: the same weights, no second copy."""
+    if cfg.lora.enabled and ref.resolve() == init.resolve():
+        reference = WithoutAdapters(model)
+    elif cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
         reference = model  # the policy before its first step is the reference: no second copy is loaded
     else:
         reference = load_model(ref, device)
@@ -222,7 +236,7 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
     if isinstance(batches, ExampleBatches):
         batches = batches.fixed()
     key = hashlib.sha256()
-    key.update((ref_path / WEIGHTS).read_bytes())
+    key.update(checkpoint_fingerprint(ref_path).encode())
     for b in batches:
         for name in sorted(b):  # the token ids and the layout (labels, or targets and their positions)
             if name != "index":
