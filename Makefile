@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo demo-smollm2 bench gpu-wheels clean
+.PHONY: install test test-slow demo demo-smollm2 demo-smollm2-lora bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 demo-smollm2: $(STAMP)
 	$(BIN)/llama4dpo demo --model smollm2 --out runs/demo-smollm2
+
+demo-smollm2-lora: $(STAMP)
+	$(BIN)/llama4dpo demo --model smollm2 --lora --out runs/demo-smollm2-lora
 
 # Every CPU benchmark, each replacing its own section of BENCHMARKS.md (about 20 minutes on a quiet 2-core machine).
 bench: $(STAMP)

@@ -25,6 +25,7 @@ import workload
 
 # side, precision, gradient checkpointing (TRL only), precomputed reference log-probs; for ours also
 # train.compile (compile), train.compile_mode (mode), train.activation_memory_budget (budget), dpo.share_prompt
+# (share) and any further overrides (overrides); for TRL also a PEFT LoraConfig's arguments (peft)
 SETTINGS = {
     "ours-fp32":          dict(side="ours", precision="fp32", gc=False, preref=False),
     "ours-bf16":          dict(side="ours", precision="bf16", gc=False, preref=False),
@@ -70,12 +71,14 @@ def describe(name: str) -> str:
 
 
 def ours_overrides(name: str) -> list[str]:
-    """A llama4dpo setting as `llama4dpo dpo` overrides (all explicit: a preset may set some of them)."""
+    """A llama4dpo setting as `llama4dpo dpo` overrides (all explicit: a preset may set some of them), then the
+    setting's own `overrides` (e.g. lora.rank=8: benchmarks/lora_speed.py's settings)."""
     s = SETTINGS[name]
     low = lambda b: str(bool(b)).lower()  # noqa: E731
     return [f"train.precision={s['precision']}", f"dpo.precompute_ref={low(s['preref'])}",
             f"train.compile={low(s.get('compile'))}", f"train.compile_mode={s.get('mode', 'default')}",
-            f"train.activation_memory_budget={s.get('budget', 1.0)}", f"dpo.share_prompt={low(s.get('share', True))}"]
+            f"train.activation_memory_budget={s.get('budget', 1.0)}", f"dpo.share_prompt={low(s.get('share', True))}",
+            *s.get("overrides", ())]
 
 
 # ---- one setting, in its own process -------------------------------------------------------------------------
@@ -156,7 +159,12 @@ def dpo_trl(spec, s):
     texts = [workload.pair_texts(e, bos_in_text=True) for e in examples]
     ds = Dataset.from_dict({k: [t[k] for t in texts] for k in ("prompt", "chosen", "rejected")})
     model = workload.load_hf(spec["hf_dir"], spec["device"])
-    ref = workload.load_hf(spec["hf_dir"], spec["device"])
+    peft_config, ref = None, None
+    if s.get("peft"):  # PEFT LoRA (lora_speed.py): TRL's reference is then the model with its adapters disabled
+        from peft import LoraConfig
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **s["peft"])
+    else:
+        ref = workload.load_hf(spec["hf_dir"], spec["device"])
     args = DPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl-run"), per_device_train_batch_size=spec["pairs"],
         gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0,
@@ -174,7 +182,7 @@ def dpo_trl(spec, s):
             clock.tick()
 
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds,
-                         processing_class=workload.hf_tokenizer(vocab), callbacks=[Clock()])
+                         processing_class=workload.hf_tokenizer(vocab), callbacks=[Clock()], peft_config=peft_config)
     first = trainer.train_dataset[0]
     want = {(tuple(e["prompt_ids"]), tuple(e["chosen_ids"]), tuple(e["rejected_ids"])) for e in examples}
     got = (tuple(first["prompt_ids"]), tuple(first["chosen_ids"]), tuple(first["rejected_ids"]))

@@ -79,10 +79,13 @@ def describe_models(models: dict) -> list[str]:
 
 
 def load_hf(hf_dir, device):
-    """transformers' Llama4ForCausalLM on the exported weights, fp32, SDPA attention."""
+    """transformers' Llama4ForCausalLM (LlamaForCausalLM for a dense export) on the exported weights, fp32, SDPA
+    attention."""
     import torch
-    from transformers import Llama4ForCausalLM
-    model = Llama4ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="sdpa").to(device)
+    from transformers import Llama4ForCausalLM, LlamaForCausalLM
+    dense = json.loads((Path(hf_dir) / "config.json").read_text())["model_type"] == "llama"
+    model = (LlamaForCausalLM if dense else Llama4ForCausalLM).from_pretrained(
+        str(hf_dir), dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.base_model_prefix = "model"  # the class says "language_model"; TRL's fused LM head needs the backbone
     return model
 

@@ -1,5 +1,6 @@
 """The GPU benchmark script keeps working: its CPU smoke mode runs the whole comparison on a tiny model."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -54,3 +55,19 @@ def test_finite_check_times_the_step_with_and_without_the_check():
     assert r.returncode == 0, r.stderr[-3000:]
     row = next(line for line in r.stdout.splitlines() if line.startswith("| 15m, E=4"))
     assert len(row.split("|")) == 9 and "%)" in row
+
+
+@pytest.mark.slow
+def test_lora_speed_quick_mode_compares_lora_with_full_dpo_and_trl_peft():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_speed.py"), "--quick"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| tiny-dense |", "| tiny |"))]
+    assert rows and not any("failed" in row for row in rows), r.stdout[-3000:]
+    for row in ("| tiny-dense | llama4dpo full DPO (fp32) |", "| tiny-dense | llama4dpo LoRA (fp32) |",
+                "| tiny | llama4dpo full DPO (fp32) |", "| tiny | llama4dpo LoRA (fp32) |"):
+        assert any(line.startswith(row) for line in rows), row
+    assert "tiny: llama4dpo LoRA (fp32) / llama4dpo full DPO (fp32): peak memory" in r.stdout
+    if importlib.util.find_spec("peft") and importlib.util.find_spec("trl"):
+        assert any(line.startswith("| tiny-dense | TRL + PEFT LoRA (fp32) |") for line in rows)
+        assert "tiny-dense: llama4dpo LoRA vs TRL + PEFT LoRA, each at its fastest" in r.stdout

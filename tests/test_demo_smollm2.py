@@ -3,22 +3,33 @@ the download would put it (LLAMA4DPO_CACHE), so the test never touches the netwo
 
 import json
 
+import pytest
+
 from llama4dpo import demo_smollm2
 from llama4dpo.cli import main
 
 from test_interop_gguf import hf_model, write_gguf
 
 
-def test_the_real_model_demo_runs_from_the_cache(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_real_model_demo_runs_from_the_cache(tmp_path, monkeypatch, capsys, lora):
     cache = tmp_path / "cache"
     cache.mkdir()
     write_gguf(cache / "SmolLM2-135M-Instruct.Q4_1.gguf", hf_model())
     monkeypatch.setenv("LLAMA4DPO_CACHE", str(cache))
-    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path / "demo"),
+                 *(["--lora"] if lora else [])]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["model"] == demo_smollm2.PACKAGE and summary["heldout_prompts"] == 4
-    assert 0 <= summary["win_rate"] <= 1 and (tmp_path / "demo" / "dpo" / "final" / "model.safetensors").is_file()
+    assert summary["setting"].startswith("LoRA rank 16" if lora else "full")
+    final = tmp_path / "demo" / "dpo" / "final"
+    assert 0 <= summary["win_rate"] <= 1 and (final / ("adapters.safetensors" if lora else "model.safetensors")).is_file()
     assert "reference (imported)" in capsys.readouterr().out
+
+
+def test_lora_belongs_to_the_real_model_demo(capsys):
+    assert main(["demo", "--lora", "--quick"]) == 2
+    assert "--model smollm2" in capsys.readouterr().err
 
 
 def test_offline_fetch_is_one_line_naming_the_command(tmp_path, monkeypatch, capsys):

@@ -164,9 +164,13 @@ def test_sft_precomputed_reference_and_bf16_base(runs, tmp_path):
                "dpo.precompute_ref=true") == 0
     a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("live", "cached"))
     assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], abs=1e-5)
-    assert dpo(tmp_path / "bf16", runs / "pre", "train.max_steps=3", "train.precision=bf16",
-               "lora.base_dtype=bf16") == 0
-    saved = load_file(str(tmp_path / "bf16" / "final" / "adapters.safetensors"))
+    # under bf16 autocast a bf16 base (the default, "auto") computes what an fp32 one does
+    for base_dtype in ("fp32", "auto"):
+        assert dpo(tmp_path / base_dtype, runs / "pre", "train.max_steps=3", "train.log_every=1",
+                   "train.precision=bf16", f"lora.base_dtype={base_dtype}") == 0
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("fp32", "auto"))
+    assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], abs=1e-5)
+    saved = load_file(str(tmp_path / "auto" / "final" / "adapters.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
 
 

@@ -7,7 +7,6 @@ floating point on the way in and out. Written atomically (files.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -98,7 +97,7 @@ def load_adapted(path: Path, cfg: Config, *, merge: bool = True, base: Path | No
     model = load_model(base_path)  # (itself an adapter checkpoint, merged, when LoRA was stacked on LoRA)
     if model.cfg != cfg.model:
         raise UserError(f"{path / CONFIG}: its [model] differs from its base {base_path}'s")
-    apply_lora(model, dataclasses.replace(cfg.lora, base_dtype="fp32"))
+    apply_lora(model, cfg.lora)  # (fp32 base: the adapters are folded into fp32 weights)
     load_adapters(model, path / ADAPTERS)
     return merge_lora(model) if merge else model
 

