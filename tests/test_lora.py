@@ -164,3 +164,53 @@ def test_rank_8_trains_at_most_2_percent_of_the_100m_preset_and_smollm2_135m():
     shares = trainable_share(moe_100m), trainable_share(smollm2)
     print(f"rank 8: {shares[0]:.2%} of the 100m preset's parameters train, {shares[1]:.2%} of SmolLM2-135M's")
     assert all(0 < s <= 0.02 for s in shares), shares
+
+
+@pytest.mark.parametrize("overrides", [
+    [],                                                           # every target, MoE and dense layers
+    ["lora.targets=attention", "lora.train_router=true"],
+    ["lora.targets=mlp,experts", "model.num_key_value_heads=1"],
+    ["lora.targets=shared_expert", "lora.rank=3", "model.interleave_moe_layer_step=1"],
+])
+def test_the_memory_estimate_counts_the_trained_parameters(overrides):
+    """resources.lora_parameter_count (arithmetic on the config, for the memory check) = what apply_lora trains;
+    the estimate then holds gradients and AdamW moments for those only."""
+    from llama4dpo import Config, resources
+    from llama4dpo.model.lora import apply_lora
+    cfg = Config.load("tiny", ["lora.rank=4", *overrides])
+    with torch.device("meta"):
+        model = apply_lora(LlamaModel(cfg.model), cfg.lora)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert resources.lora_parameter_count(cfg) == trained > 0
+    full_cfg = Config.load("tiny", [o for o in overrides if o.startswith("model.")])  # every weight trained
+    est, full = (resources.estimate_training(c, command="dpo") for c in (cfg, full_cfg))
+    assert est["gradients"] == 4 * trained and est["optimizer"] == 8 * trained
+    assert est["gradients"] < full["gradients"] / 4
+
+
+def test_a_trained_router_is_off_with_the_adapters_and_merges():
+    """lora.train_router trains a zero-started delta of each router: switched off, the routing is the base's."""
+    from llama4dpo.config import LoRAConfig
+    from llama4dpo.model.lora import WithoutAdapters, apply_lora, merge_lora
+    base = LlamaModel(ModelConfig(**TINY)).init_weights(seed=0).eval()
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8.0, train_router=True))
+    perturb(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_delta"):
+                m.lora_delta.normal_(0, 1.0)  # enough to change which experts are chosen
+        want, adapted = base(IDS), model(IDS)
+        assert (WithoutAdapters(model)(IDS) - want).abs().max() <= 1e-6
+        assert (adapted - want).abs().max() > 1e-3
+        merged = merge_lora(model).requires_grad_(True)
+        assert (merged(IDS) - adapted).abs().max() <= 1e-5
+    assert not list(lora_modules(merged)) and all(p.requires_grad for p in merged.parameters())
+
+
+def test_targets_that_adapt_no_layer_are_a_one_line_error():
+    from llama4dpo.config import LoRAConfig
+    from llama4dpo.errors import UserError
+    from llama4dpo.model.lora import apply_lora
+    dense = LlamaModel(ModelConfig(**{**TINY, "moe_layers": []}))
+    with pytest.raises(UserError, match="adapt no layer"):
+        apply_lora(dense, LoRAConfig(rank=4, targets=["experts", "shared_expert"]))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from llama4dpo import Config, ModelConfig, LlamaModel, load_model, save_model
 from llama4dpo.checkpoint import load_tokenizer
+from llama4dpo.checkpoint.adapters import base_record
 from llama4dpo.cli import main
 from llama4dpo.data import load_preference_data, preference_collator
 from llama4dpo.metrics import read_metrics
@@ -95,6 +96,8 @@ def test_merge_equals_the_adapted_model_and_exports_to_transformers(runs, tmp_pa
     with torch.no_grad():
         assert (hf(x, use_cache=False).logits - want).abs().max() <= 1e-5
     assert main(["merge", str(tmp_path / "merged"), str(tmp_path / "again")]) == 2  # nothing to merge: one line
+    assert main(["merge", str(runs / "dpo"), str(runs / "pre" / "final")]) == 2  # over its own base: refused
+    assert (runs / "pre" / "final" / "model.safetensors").is_file()
 
 
 def test_dense_llama_merge_exports_as_llama(tmp_path):
@@ -111,7 +114,7 @@ def test_dense_llama_merge_exports_as_llama(tmp_path):
     with torch.no_grad():
         for m in lora_modules(model):
             m.lora_B.normal_(0, 0.2)
-    save_model(tmp_path / "adapted", model, cfg, base=tmp_path / "base")
+    save_model(tmp_path / "adapted", model, cfg, base=base_record(tmp_path / "base"))
     assert main(["merge", str(tmp_path / "adapted"), str(tmp_path / "merged")]) == 0
     assert main(["export-hf", str(tmp_path / "merged"), str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
@@ -152,6 +155,17 @@ def test_a_changed_base_is_refused_in_one_line(runs, tmp_path, capsys):
     # resuming the run against the changed base: refused before anything trains
     assert dpo(tmp_path / "run", tmp_path / "base", "train.max_steps=4") == 2
     assert "changed since these adapters were trained" in capsys.readouterr().err
+
+
+def test_an_adapter_checkpoint_starts_full_training_and_its_base_is_not_overwritten(runs, tmp_path, capsys):
+    assert main(["sft", *COMMON, "--out", str(tmp_path / "full"), "--init", str(runs / "dpo"),
+                 "train.max_steps=2"]) == 0  # the merged model, every weight trainable again
+    assert (tmp_path / "full" / "final" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["sft", *COMMON, "--out", str(runs / "pre"), "--init", str(runs / "dpo"), "--overwrite",
+                 "train.max_steps=2"]) == 2
+    assert "the base of --init" in capsys.readouterr().err
+    assert (runs / "pre" / "final" / "model.safetensors").is_file()
 
 
 def test_sft_precomputed_reference_and_bf16_base(runs, tmp_path):

@@ -143,13 +143,36 @@ def _tokens_per_row(cfg: Config, command: str) -> tuple[int, str]:
     return cfg.data.max_length, f"data.max_length={cfg.data.max_length}"
 
 
+def lora_parameter_count(cfg: Config) -> int:
+    """The parameters a LoRA run trains (the [lora] section on this model): r (in + out) per adapted linear layer,
+    E r (in + out) per routed-expert projection, E D per trained router."""
+    m, lora, r = cfg.model, cfg.lora, cfg.lora.rank
+    D, I, E = m.hidden_size, m.expert_size, m.num_local_experts
+    q, kv = m.num_attention_heads * m.d_head, m.n_kv_heads * m.d_head
+    n_moe = _num_moe_layers(m)
+    swiglu = r * 3 * (D + I)  # gate and up D -> width, down width -> D: r (in + out) each
+    count = 0
+    if "attention" in lora.targets:
+        count += m.num_hidden_layers * r * ((D + q) * 2 + (D + kv) * 2)
+    if "mlp" in lora.targets:
+        count += (m.num_hidden_layers - n_moe) * r * 3 * (D + m.dense_size)
+    if "shared_expert" in lora.targets:
+        count += n_moe * swiglu
+    if "experts" in lora.targets:
+        count += n_moe * E * r * (D + 2 * I + I + D)
+    if lora.train_router:
+        count += n_moe * E * D
+    return count
+
+
 def estimate_training(cfg: Config, *, reference: bool = False, command: str = "pretrain", world_size: int = 1,
                       sharded: bool = False) -> dict[str, int]:
     """Bytes one training process needs, by part. What it counts:
 
-    parameters  fp32 weights (fp32 master weights under bf16 autocast too)
-    gradients   one fp32 value per parameter
-    optimizer   AdamW's two moments, fp32
+    parameters  fp32 weights (fp32 master weights under bf16 autocast too; with LoRA a bf16 base where
+                lora.base_dtype says so, and the fp32 adapters)
+    gradients   one fp32 value per trained parameter (with LoRA: the adapters only)
+    optimizer   AdamW's two moments of each trained parameter, fp32
     reference   a frozen fp32 copy of the weights, when DPO holds a reference model (`reference=True`)
     activations one micro-batch (train.batch_size // train.grad_accum_steps rows, split over `world_size`
                 processes) of full-length rows (pretrain: data.block_size + 1 tokens; sft/dpo: data.max_length,
@@ -161,15 +184,19 @@ def estimate_training(cfg: Config, *, reference: bool = False, command: str = "p
     `sharded` (FSDP) divides the first four parts over `world_size` processes.
     """
     n = parameter_count(cfg.model)
+    trained, weight_bytes = n, n * FP32
+    if cfg.lora.enabled and command != "pretrain":
+        trained = lora_parameter_count(cfg)
+        weight_bytes = n * (2 if cfg.lora.bf16_base(cfg.train.precision) else FP32) + trained * FP32
     shards = world_size if sharded else 1
     micro = cfg.train.batch_size // cfg.train.grad_accum_steps
     rows = -(-micro // world_size)
     tokens = rows * _tokens_per_row(cfg, command)[0]
     act_bytes = 2 if cfg.train.precision == "bf16" else FP32
     return {
-        "parameters": n * FP32 // shards,
-        "gradients": n * FP32 // shards,
-        "optimizer": n * FP32 * ADAMW_STATE // shards,
+        "parameters": weight_bytes // shards,
+        "gradients": trained * FP32 // shards,
+        "optimizer": trained * FP32 * ADAMW_STATE // shards,
         "reference": n * FP32 // shards if reference else 0,
         "activations": tokens * (_activations_per_token(cfg.model) * act_bytes + 2 * cfg.model.vocab_size * FP32),
     }

@@ -10,15 +10,10 @@ something else. `load_model` (model.py) reads either kind; `llama4dpo merge` wri
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from .files import CONFIG, MANIFEST, WEIGHTS, read_json
-
-ADAPTERS, BASE = "adapters.safetensors", "base.json"
+from .files import ADAPTERS, BASE, CONFIG, MANIFEST, WEIGHTS, read_json, sha256_file
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
@@ -30,16 +25,13 @@ def checkpoint_fingerprint(base: Path) -> str:
     (or adapters) where it has no manifest."""
     for name in (MANIFEST, WEIGHTS, ADAPTERS):
         if (base / name).is_file():
-            h = hashlib.sha256()
-            with open(base / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            return f"{name}:{h.hexdigest()}"
+            return f"{name}:{sha256_file(base / name)}"
     raise UserError(f"{base}: not a checkpoint (no {MANIFEST}, {WEIGHTS} or {ADAPTERS})")
 
 
 def base_record(base: Path) -> dict:
-    """base.json's content: the base checkpoint's absolute path and fingerprint."""
+    """base.json's content: the base checkpoint's absolute path and fingerprint (taken once, when a run loads its
+    base, and written with every checkpoint of the run)."""
     base = Path(base).resolve()
     return {"base": str(base), "fingerprint": checkpoint_fingerprint(base)}
 
@@ -68,7 +60,7 @@ def trained_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def adapter_state(model, state: dict) -> dict[str, torch.Tensor]:
+def adapter_state(model, state: dict) -> dict:
     """The entries of the full `state` (model.state_dict() or its gathered FSDP2 copy) that an adapter
     checkpoint keeps."""
     return {n: state[n] for n in trained_names(model)}

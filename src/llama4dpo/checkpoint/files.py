@@ -20,8 +20,10 @@ from safetensors import SafetensorError
 from ..errors import UserError
 
 CONFIG, WEIGHTS, TOKENIZER, MANIFEST = "config.json", "model.safetensors", "tokenizer.json", "manifest.json"
+ADAPTERS, BASE = "adapters.safetensors", "base.json"  # a LoRA run's checkpoints, in place of WEIGHTS (adapters.py)
 # Every file a checkpoint or an export holds: atomic_dir replaces a directory holding nothing else.
-MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, "adapters.safetensors", "base.json", "optimizer.pt", "trainer_state.json", "llama4dpo_tokenizer.json",
+MODEL_FILES = {CONFIG, WEIGHTS, TOKENIZER, MANIFEST, ADAPTERS, BASE, "optimizer.pt", "trainer_state.json",
+               "llama4dpo_tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json"}
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)  # what a full disk or a read-only folder raises
 
@@ -43,7 +45,7 @@ def write_error_cause(e: Exception, directory: Path) -> str:
     return "incomplete write: " + (text.strip().splitlines() or [type(e).__name__])[0]
 
 
-def _sha256(file: Path) -> str:
+def sha256_file(file: Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +55,7 @@ def _sha256(file: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """manifest.json: size and sha256 of every other file in the directory, checked on load."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
 
@@ -83,7 +85,7 @@ def verify_manifest(directory: Path, *, required: bool = False) -> None:
         size = f.stat().st_size
         if size != meta.get("bytes"):
             raise UserError(f"{f}: truncated or altered ({size} bytes, manifest says {meta.get('bytes')!r})")
-        if _sha256(f) != meta.get("sha256"):
+        if sha256_file(f) != meta.get("sha256"):
             raise UserError(f"{f}: corrupted (sha256 differs from {MANIFEST})")
 
 

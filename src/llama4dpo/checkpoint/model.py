@@ -21,15 +21,15 @@ from ..model import LlamaModel
 from ..model.lora import apply_lora, merge_lora
 from ..resources import check_model
 from ..tokenizer import load_tokenizer as _load
-from .adapters import ADAPTERS, BASE, adapter_state, base_record, is_adapter_checkpoint, read_base, trained_names
-from .files import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, refuse_symlinks, verify_manifest
+from .adapters import adapter_state, is_adapter_checkpoint, read_base, trained_names
+from .files import ADAPTERS, BASE, CONFIG, TOKENIZER, WEIGHTS, atomic_dir, refuse_symlinks, verify_manifest
 
 ALLOW_NONFINITE = "LLAMA4DPO_ALLOW_NONFINITE"  # =1: load weights holding NaN/inf (to inspect a diverged model)
 
 
 def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies of `state` (default: the model's own); the LM head is left out when tied
-    (safetensors refuses shared storage)."""
+    """Contiguous CPU copies of `state` (default: the model's own; or some of it); the LM head is left out when
+    tied (safetensors refuses shared storage)."""
     sd = {k: v.detach().to("cpu").contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -37,17 +37,16 @@ def model_state_dict(model: LlamaModel, state: dict | None = None) -> dict[str, 
 
 
 def write_model_files(directory: Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None,
-                      base: Path | None = None) -> None:
+                      base: dict | None = None) -> None:
     """Write the model files into an existing directory (no atomicity: see `atomic_dir`): the whole model, or
-    with `base` (a LoRA run's) its trained tensors and base.json. Refuses (NonFiniteError) a state holding NaN
-    or inf: no checkpoint is ever published with one."""
-    sd = model_state_dict(model, state)
-    if base is not None:
-        sd = adapter_state(model, sd)
+    with `base` (a LoRA run's adapters.base_record) its trained tensors and base.json. Refuses (NonFiniteError) a
+    state holding NaN or inf: no checkpoint is ever published with one."""
+    state = model.state_dict() if state is None else state
+    sd = model_state_dict(model, adapter_state(model, state) if base is not None else state)
     check_finite(sd, "the model's weights")
     save_file(sd, str(directory / (ADAPTERS if base is not None else WEIGHTS)), metadata={"format": "pt"})
     if base is not None:
-        (directory / BASE).write_text(json.dumps(base_record(base), indent=1) + "\n")
+        (directory / BASE).write_text(json.dumps(base, indent=1) + "\n")
     cfg.save_json(directory / CONFIG)
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
@@ -65,7 +64,7 @@ def check_finite(tensors: dict, what: str) -> None:
 
 
 def save_model(path: str | Path, model: LlamaModel, cfg: Config, tokenizer=None, state: dict | None = None,
-               base: Path | None = None) -> Path:
+               base: dict | None = None) -> Path:
     with atomic_dir(path) as tmp:
         write_model_files(tmp, model, cfg, tokenizer, state, base)
     return Path(path)
@@ -91,15 +90,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, merge: b
     return model.to(device).eval()
 
 
-def load_adapted(path: Path, cfg: Config, *, merge: bool = True, base: Path | None = None) -> LlamaModel:
-    """An adapter checkpoint's base (checked unchanged; with `base`, that one) with its adapters loaded."""
-    base_path = read_base(path, expected=base)
+def load_adapted(path: Path, cfg: Config, *, merge: bool = True) -> LlamaModel:
+    """An adapter checkpoint's base (checked unchanged) with its adapters loaded: folded in (`merge`, a plain
+    model, every weight trainable again) or as adapters on the frozen base."""
+    base_path = read_base(path)
     model = load_model(base_path)  # (itself an adapter checkpoint, merged, when LoRA was stacked on LoRA)
-    if model.cfg != cfg.model:
-        raise UserError(f"{path / CONFIG}: its [model] differs from its base {base_path}'s")
+    if model.cfg != cfg.model or not cfg.lora.enabled:
+        raise UserError(f"{path / CONFIG}: not the config of adapters of {base_path} "
+                        f"({'lora.rank is 0' if not cfg.lora.enabled else 'its [model] differs'})")
     apply_lora(model, cfg.lora)  # (fp32 base: the adapters are folded into fp32 weights)
     load_adapters(model, path / ADAPTERS)
-    return merge_lora(model) if merge else model
+    return merge_lora(model).requires_grad_(True) if merge else model
 
 
 def load_adapters(model: LlamaModel, file: Path) -> None:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
-from .adapters import ADAPTERS
-from .files import WEIGHTS, read_json
+from .files import ADAPTERS, BASE, WEIGHTS, read_json
 from .state import checkpoint_dirs, latest_good_checkpoint
 
 # Keys a resumed run may change: they do not alter what the checkpoint holds.
@@ -140,11 +139,25 @@ def check_overwrite(out: Path, inputs: dict) -> None:
     for key in ("data", "init", "ref"):
         given = inputs.get(key)  # (a path that exists; not a hub name or builtin:)
         where = Path(given).resolve() if given and Path(given).exists() else None
-        if where is not None and (where == target or target in where.parents):
-            raise UserError(f"--overwrite refuses --out {out}: it holds --{key} {given}")
+        for held in ([where, *_bases(where)] if where is not None else []):  # an adapter checkpoint's bases too
+            if held == target or target in held.parents:
+                what = f"--{key} {given}" if held == where else f"{held}, the base of --{key} {given}"
+                raise UserError(f"--overwrite refuses --out {out}: it holds {what}")
     if target.is_dir() and _entries(target) and not is_run_dir(target):
         raise UserError(f"--overwrite refuses --out {out}: it holds no llama4dpo run, so nothing in it is ours "
                         f"to delete")
+
+
+def _bases(checkpoint: Path) -> list[Path]:
+    """The chain of base checkpoints under an adapter checkpoint (base.json, as far as it reads)."""
+    chain = []
+    while (checkpoint / ADAPTERS).is_file() and len(chain) < 64:
+        try:
+            checkpoint = Path(read_json(checkpoint / BASE)["base"]).resolve()
+        except (UserError, KeyError, TypeError, OSError):
+            break
+        chain.append(checkpoint)
+    return chain
 
 
 def remove_run_files(out: Path) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTERS, read_base
-from .files import WEIGHTS, WriteError, atomic_dir, verify_manifest
+from .adapters import read_base
+from .files import ADAPTERS, WEIGHTS, WriteError, atomic_dir, verify_manifest
 from .model import check_finite, read_weights, write_model_files
 from ..errors import UserError
 from ..faults import fault_point
@@ -48,9 +48,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_training_checkpoint(run_dir: Path, step: int, model, model_state: dict, optimizer_state: dict, cfg,
-                             tokenizer, loop_state: dict, keep_last: int, base: Path | None = None) -> Path:
-    """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state); with `base` (LoRA)
-    only the trained tensors are written, beside base.json."""
+                             tokenizer, loop_state: dict, keep_last: int, base: dict | None = None) -> Path:
+    """model_state / optimizer_state: full state dicts (see distributed.Dist.model_state); with `base` (LoRA:
+    adapters.base_record) only the trained tensors are written, beside base.json."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
     try:
         check_finite(flat_tensors(optimizer_state), f"optimizer state at step {step}")
@@ -106,15 +106,16 @@ def latest_good_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_training_checkpoint(path: Path, model, optimizer, dist, base: Path | None = None) -> dict:
+def load_training_checkpoint(path: Path, model, optimizer, dist, base: dict | None = None) -> dict:
     """Restore model, optimizer and RNG in place (every rank reads the files); return the loop state. With
-    `base` (LoRA), the trained tensors only, once base.json shows they were trained on `base` as it is now."""
+    `base` (LoRA: the run's adapters.base_record), the trained tensors only, once base.json shows they were
+    trained on that base as it is now."""
     path = Path(path)
     verify_manifest(path, required=True)
     if (base is not None) != (path / ADAPTERS).is_file():
         raise UserError(f"{path}: {'a full model' if base is not None else 'adapters'}, not what this run trains")
     if base is not None:
-        read_base(path, expected=base)
+        read_base(path, expected=Path(base["base"]))
     weights = read_weights(model, path / (ADAPTERS if base is not None else WEIGHTS), adapters=base is not None)
     try:
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)

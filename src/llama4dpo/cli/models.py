@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 from ..checkpoint import (MANIFEST, has_tokenizer, load_config, load_model, load_tokenizer, refuse_symlinks, save_model,
                           write_manifest)
 from ..checkpoint.adapters import is_adapter_checkpoint, read_base
 from ..config import LoRAConfig
-from ..model.lora import trainable_summary
 from ..errors import UserError
 from ..interop import export_hf, import_hf
+from ..model.lora import merge_lora, trainable_summary
 from .args import checkpoint_arg
 
 
 def cmd_info(args) -> int:
     ckpt = checkpoint_arg(args.ckpt)  # a run directory too, as the other commands take
-    model = load_model(ckpt)
+    model = load_model(ckpt, merge=False)  # (an adapter checkpoint: its adapters on the base, counted)
+    adapters = trainable_summary(model)
     m = model.cfg
-    total, active = model.num_params()
+    total, active = merge_lora(model).num_params()
     moe = m.moe_layer_ids
     rows = [
         ("checkpoint", str(ckpt)),
@@ -40,8 +40,7 @@ def cmd_info(args) -> int:
     if is_adapter_checkpoint(ckpt):
         lora = load_config(ckpt).lora
         rows += [("LoRA adapters", f"rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}"
-                                   f"{' + routers' if lora.train_router else ''}: "
-                                   f"{trainable_summary(load_model(ckpt, merge=False))}"),
+                                   f"{' + routers' if lora.train_router else ''}: {adapters}"),
                  ("base checkpoint", str(read_base(ckpt)))]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -65,6 +64,9 @@ def cmd_merge(args) -> int:
     ckpt = checkpoint_arg(args.ckpt)
     if not is_adapter_checkpoint(ckpt):
         raise UserError(f"{ckpt}: holds a whole model already (no adapters.safetensors): nothing to merge")
+    base = read_base(ckpt)
+    if Path(args.out_ckpt).resolve() == base.resolve():
+        raise UserError(f"{args.out_ckpt}: is the base of {ckpt}; write the merged model elsewhere")
     cfg = dataclasses.replace(load_config(ckpt), lora=LoRAConfig())  # a plain model from here on
     out = save_model(args.out_ckpt, load_model(ckpt), cfg, load_tokenizer(ckpt) if has_tokenizer(ckpt) else None)
     print(f"wrote {out}: {ckpt}'s adapters folded into its base, a full checkpoint")

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LORA_TARGETS as TARGETS
+from ..errors import UserError
 from .moe import MoE
-
-TARGETS = ("attention", "mlp", "shared_expert", "experts")
 
 
 class LoRALinear(nn.Linear):
@@ -38,6 +38,20 @@ class LoRALinear(nn.Linear):
             return y
         h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
         return y + self.lora_scale * F.linear(F.linear(h, self.lora_A), self.lora_B)
+
+
+class RouterDelta(nn.Linear):
+    """A router trained in full (lora.train_router) as a full-rank update D of its frozen weight, zero at the start:
+    with the adapters off the reference routes as the base did."""
+
+    def add_delta(self) -> "RouterDelta":
+        self.lora_delta = nn.Parameter(torch.zeros_like(self.weight, dtype=torch.float32))
+        self.enabled = True
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y + F.linear(x, self.lora_delta) if self.enabled else y
 
 
 class ExpertAdapters(nn.Module):
@@ -91,7 +105,12 @@ def apply_lora(model: nn.Module, cfg, bf16_base: bool = False) -> nn.Module:
     if cfg.train_router:
         for layer in model.layers:
             if isinstance(layer.feed_forward, MoE):
-                layer.feed_forward.router.requires_grad_(True)
+                router = layer.feed_forward.router
+                router.__class__ = RouterDelta
+                router.add_delta()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"lora.targets={cfg.targets}{' with lora.train_router' if cfg.train_router else ''} "
+                        f"adapt no layer of this model (dense layers take 'attention' and 'mlp')")
     if bf16_base:
         embedding = model.embed_tokens.weight
         for p in model.parameters():
@@ -110,6 +129,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
             for name in ("lora_A", "lora_B"):
                 delattr(m, name)
             m.__class__ = nn.Linear
+        elif isinstance(m, RouterDelta):
+            m.weight += m.lora_delta.to(m.weight.dtype)
+            delattr(m, "lora_delta")
+            m.__class__ = nn.Linear
         elif getattr(m, "adapters", None) is not None:  # ExpertMLP
             a = m.adapters
             m.gate_up_proj += a.scale * torch.bmm(a.gate_up_A.float(), a.gate_up_B.float()).to(m.gate_up_proj.dtype)
@@ -126,14 +149,19 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 class WithoutAdapters:
-    """The adapted model called with every adapter off: DPO's reference, the base, with no second copy."""
+    """The adapted model called with every adapter off, in eval mode (no dropout), as a separate reference model
+    is: DPO's reference, the base, with no second copy."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        with adapters_off(self.model):
-            return self.model(*args, **kwargs)
+        was_training = self.model.training
+        try:
+            with adapters_off(self.model):
+                return self.model.eval()(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
 
     @property
     def training(self) -> bool:
@@ -148,7 +176,7 @@ class WithoutAdapters:
 
 
 def lora_modules(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, (LoRALinear, ExpertAdapters)))
+    return (m for m in model.modules() if isinstance(m, (LoRALinear, ExpertAdapters, RouterDelta)))
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import (WRITE_ERRORS, load_model, load_tokenizer, resolve_checkpoint, save_model,
                           write_error_cause)
-from ..checkpoint.adapters import checkpoint_fingerprint
+from ..checkpoint.adapters import base_record, checkpoint_fingerprint
 from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..config import Config, TrainConfig
 from ..data import (check_context, collate_sft, load_preference_data, load_sft_data, load_token_streams,
@@ -98,8 +98,10 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         ref = resolve_checkpoint(ref) if ref is not None else init
         inputs = {"command": stage, "data": data, "init": init.resolve(),
                   **({"ref": ref.resolve()} if stage == "dpo" else {})}
-    lora_ref = cfg.lora.enabled and stage == "dpo" and ref.resolve() == init.resolve()  # reference = adapters off
-    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref and not lora_ref,
+    # LoRA: the base's fingerprint taken once, before it is read; DPO's reference is then the adapters off
+    base = dist.on_main(base_record, init) if cfg.lora.enabled else None
+    own_ref = stage == "dpo" and ref.resolve() == init.resolve()
+    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref and not (base and own_ref),
                    command=stage, world_size=dist.world,
                    sharded=dist.strategy == "fsdp")
     resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume, inputs=inputs)
@@ -123,10 +125,10 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         if stage == "sft":
             objective = eval_objective = LanguageModeling()
         else:
-            objective, eval_objective = _preference_objectives(cfg, model, init, ref, train, evals, pdata, out,
+            objective, eval_objective = _preference_objectives(cfg, model, own_ref, ref, train, evals, pdata, out,
                                                                device, dist)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
-                      eval_objective=eval_objective, dist=dist, base=init if cfg.lora.enabled else None)
+                      eval_objective=eval_objective, dist=dist, base=base)
     if resume_from is not None:
         trainer.resume(resume_from)
     trainer.fit()
@@ -171,14 +173,14 @@ def _pretrain_parts(cfg: Config, data: str, tokenizer, micro: int, rows: slice, 
     return model, LanguageModeling(), None, train, evals
 
 
-def _preference_objectives(cfg: Config, model, init: Path, ref: Path, train, evals, pdata, out: Path, device,
+def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, evals, pdata, out: Path, device,
                            dist: Dist):
     """DPO's objectives for training and eval: against the reference model, or against its log-probs computed
     once (dpo.precompute_ref), in which case no reference is held while training. With LoRA the reference is
     the policy with its adapters off: the same weights, no second copy."""
-    if cfg.lora.enabled and ref.resolve() == init.resolve():
+    if cfg.lora.enabled and own_ref:
         reference = WithoutAdapters(model)
-    elif cfg.dpo.precompute_ref and ref.resolve() == init.resolve():
+    elif cfg.dpo.precompute_ref and own_ref:
         reference = model  # the policy before its first step is the reference: no second copy is loaded
     else:
         reference = load_model(ref, device)

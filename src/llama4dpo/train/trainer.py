@@ -82,9 +82,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, model, objective, train_batches, eval_batches: list[dict] | None,
                  run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True,
-                 eval_objective=None, dist: Dist | None = None, base: Path | None = None):
+                 eval_objective=None, dist: Dist | None = None, base: dict | None = None):
         self.cfg, self.t = cfg, cfg.train
-        self.base = base  # LoRA: the checkpoint the adapters train on (checkpoints hold the adapters only)
+        self.base = base  # LoRA: base.json of the checkpoint the adapters train on (checkpoints hold the adapters)
         self.dist = dist or Dist()
         self.model, self.objective, self.tokenizer = model, objective, tokenizer
         self.cuda_graphs = False  # compiled graphs replayed as CUDA graphs (train.compile_mode)
