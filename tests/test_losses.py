@@ -44,6 +44,22 @@ def test_hand_worked_values():
     # SimPO: reference-free, -log sigma(beta (w - l) - gamma) with w - l = -10 - -11 = 1
     simpo = preference_loss(PC[:1], PR[:1], None, None, loss_type="simpo", beta=2.0, gamma=0.5)[0]
     assert simpo.item() == pytest.approx(-math.log(sig(2.0 * 1 - 0.5)))
+    # ORPO: p_w = 1/2, p_l = 1/4 -> odds 1 and 1/3, odds ratio 3: -lambda log sigma(log 3) = -lambda log(3/4)
+    orpo = preference_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), None, None,
+                           loss_type="orpo", beta=0.2)[0]
+    assert orpo.item() == pytest.approx(-0.2 * math.log(3 / 4), abs=1e-6)
+    # the per-response losses at log-ratios c = 0.5, r = -0.5 (pair 0), beta 0.5
+    c, r = 0.5, -0.5
+    per_response = {
+        "nca_pair": -math.log(sig(beta * c)) - 0.5 * math.log(sig(-beta * c)) - 0.5 * math.log(sig(-beta * r)),
+        "bco_pair": -math.log(sig(beta * c)) - math.log(sig(-beta * r)),
+        "sppo_hard": (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2,
+        "apo_zero": 1 - sig(beta * c) + sig(beta * r),
+        "apo_down": sig(beta * c) + 1 - sig(beta * (c - r)),
+    }
+    for loss_type, expected in per_response.items():
+        got = preference_loss(PC[:1], PR[:1], RC[:1], RR[:1], loss_type=loss_type, beta=beta)[0]
+        assert got.item() == pytest.approx(expected, abs=1e-6), loss_type
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
@@ -55,10 +71,13 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference(loss_type):
 
 @pytest.mark.parametrize("loss_type", sorted(LOSSES))
 def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
-    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
-    losses, _, _ = preference_loss(pc, pr, RC, RR, loss_type=loss_type, beta=0.1, gamma=0.3)
+    pc, pr = (PC / 8).requires_grad_(), (PR / 8).requires_grad_()  # (average-like log-probs: ORPO needs p < 1)
+    losses, _, _ = preference_loss(pc, pr, RC / 8, RR / 8, loss_type=loss_type, beta=0.1, gamma=0.3,
+                                   label_smoothing=0.1 if loss_type == "exo_pair" else 0.0)
     losses.sum().backward()
-    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises chosen, lowers rejected
+    assert (pr.grad > 0).all()  # descent lowers the rejected response's log-prob
+    if loss_type != "apo_down":  # (APO-down lowers both, for chosen answers worse than the model's own)
+        assert (pc.grad < 0).all()  # and raises the chosen one's
 
 
 def test_unknown_loss_type():
@@ -92,12 +111,14 @@ def trl_dpo_loss(loss_type, beta, label_smoothing):
     return DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False).item()
 
 
-@pytest.mark.parametrize("loss_type, ls", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+@pytest.mark.parametrize("loss_type, ls", [
+    ("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2), ("sigmoid_norm", 0.0), ("exo_pair", 0.1),
+    ("nca_pair", 0.0), ("bco_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("aot", 0.1)])
 def test_matches_trl_dpo_trainer(loss_type, ls):
     beta = 0.3
-    if loss_type == "ipo":  # IPO is defined on per-token averages (TRL divides by completion length)
+    if loss_type in ("ipo", "sigmoid_norm"):  # on per-token averages (TRL divides by completion length)
         lc, lr = LENGTHS
-        ours = preference_loss(PC / lc, PR / lr, RC / lc, RR / lr, loss_type="ipo", beta=beta)[0]
+        ours = preference_loss(PC / lc, PR / lr, RC / lc, RR / lr, loss_type=loss_type, beta=beta)[0]
     else:
         ours = preference_loss(PC, PR, RC, RR, loss_type=loss_type, beta=beta, label_smoothing=ls)[0]
     assert ours.mean().item() == pytest.approx(trl_dpo_loss(loss_type, beta, ls), abs=1e-6)
@@ -114,6 +135,18 @@ def test_simpo_matches_trl_cpo_trainer():
                                      label_smoothing=ls)
     torch.testing.assert_close(losses, trl_losses, atol=1e-6, rtol=0)
     torch.testing.assert_close(cr, trl_cr, atol=1e-6, rtol=0)
+
+
+def test_orpo_matches_trl_orpo_trainer():
+    from trl.experimental.orpo import ORPOTrainer
+    beta = 0.25
+    lc, lr = LENGTHS
+    fake = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu"))
+    trl_losses, trl_cr, trl_rr, _, _ = ORPOTrainer.odds_ratio_loss(fake, PC / lc, PR / lr)
+    losses, cr, rr = preference_loss(PC / lc, PR / lr, None, None, loss_type="orpo", beta=beta)
+    torch.testing.assert_close(losses, -trl_losses, atol=1e-6, rtol=0)  # (TRL subtracts its term from the NLL)
+    torch.testing.assert_close(cr, trl_cr, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rr, trl_rr, atol=1e-6, rtol=0)
 
 
 # ---- log-probs ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .config import DPOConfig
-from .losses import (LENGTH_NORMALISED, REFERENCE_FREE, preference_loss, sequence_logps, shared_prompt_logps,
+from .losses import (LENGTH_NORMALISED, REFERENCE_FREE, WITH_NLL, preference_loss, sequence_logps, shared_prompt_logps,
                       token_logps)
 
 
@@ -160,8 +160,9 @@ class Preference(Objective):
             policy[:B], policy[B:], *reference, loss_type=self.cfg.loss_type, beta=self.cfg.beta,
             label_smoothing=self.cfg.label_smoothing, gamma=self.cfg.gamma)
         loss_sum = losses.sum()
-        if self.cfg.sft_weight > 0:  # RPO (Pang et al. 2024): + alpha * NLL of the chosen response per token
-            loss_sum = loss_sum + self.cfg.sft_weight * (-logps[:B] / n_tokens[:B].clamp(min=1)).sum()
+        nll_weight = self.cfg.sft_weight + (1.0 if self.cfg.loss_type in WITH_NLL else 0.0)
+        if nll_weight > 0:  # RPO (Pang et al. 2024) / ORPO: + alpha * NLL of the chosen response per token
+            loss_sum = loss_sum + nll_weight * (-logps[:B] / n_tokens[:B].clamp(min=1)).sum()
         lengths = n_tokens.float()
         chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
         metrics = {

@@ -102,23 +102,30 @@ class TrainConfig:
                               "over micro-batches (pytorch/pytorch#169545): set train.grad_accum_steps=1")
 
 
+# TRL's DPO loss_type names (and SimPO, ORPO); losses.py has each one's equation and paper
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down", "aot")
+
+
 @dataclass
 class DPOConfig:
-    loss_type: str = "sigmoid"       # sigmoid (DPO/cDPO) | robust | ipo | hinge | simpo
-    beta: float = 0.1                # the notebook's "gamma" for DPO is this beta
-    label_smoothing: float = 0.0     # cDPO / rDPO label-noise rate
+    loss_type: str = "sigmoid"       # sigmoid (DPO/cDPO) | robust | ipo | hinge | simpo | orpo | ... (LOSS_TYPES)
+    beta: float = 0.1                # the notebook's "gamma" for DPO is this beta; ORPO's lambda
+    label_smoothing: float = 0.0     # cDPO / rDPO label-noise rate; EXO's epsilon (> 0)
     gamma: float = 0.0               # SimPO target margin only
-    sft_weight: float = 0.0          # RPO-style NLL term on the chosen response
+    sft_weight: float = 0.0          # RPO-style NLL term on the chosen response (ORPO has weight 1 built in)
     precompute_ref: bool = False     # reference log-probs computed once, cached; no reference model in memory
     share_prompt: bool = True        # one row [prompt | chosen | rejected] per pair: the prompt computed once
 
     def validate(self) -> None:
-        if self.loss_type not in ("sigmoid", "robust", "ipo", "hinge", "simpo"):
-            raise ConfigError(f"dpo.loss_type: must be sigmoid|robust|ipo|hinge|simpo, got {self.loss_type!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"dpo.loss_type: must be one of {', '.join(LOSS_TYPES)}; got {self.loss_type!r}")
         if self.beta <= 0:
             raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ConfigError("dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3)")
 
 
 LORA_TARGETS = ("attention", "mlp", "shared_expert", "experts")

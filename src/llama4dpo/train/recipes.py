@@ -21,6 +21,7 @@ from ..data import (check_context, collate_sft, load_preference_data, load_sft_d
                     preference_collator, training_texts)
 from ..data.batches import ExampleBatches, StreamBatches
 from ..errors import UserError
+from ..losses import REFERENCE_FREE
 from ..model import LlamaModel
 from ..model.lora import WithoutAdapters, apply_lora, trainable_summary
 from ..objectives import LanguageModeling, Preference, precompute_reference_logps
@@ -101,7 +102,8 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
     # LoRA: the base's fingerprint taken once, before it is read; DPO's reference is then the adapters off
     base = dist.on_main(base_record, init) if cfg.lora.enabled else None
     own_ref = stage == "dpo" and ref.resolve() == init.resolve()
-    check_training(cfg, device, reference=stage == "dpo" and not cfg.dpo.precompute_ref and not (base and own_ref),
+    free = stage == "dpo" and cfg.dpo.loss_type in REFERENCE_FREE  # its loss never reads a reference
+    check_training(cfg, device, reference=stage == "dpo" and not (cfg.dpo.precompute_ref or free or (base and own_ref)),
                    command=stage, world_size=dist.world,
                    sharded=dist.strategy == "fsdp")
     resume_from = dist.on_main(prepare_run_dir, out, cfg, overwrite=overwrite, resume=resume, inputs=inputs)
@@ -126,7 +128,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
             objective = eval_objective = LanguageModeling()
         else:
             objective, eval_objective = _preference_objectives(cfg, model, own_ref, ref, train, evals, pdata, out,
-                                                               device, dist)
+                                                               device, dist, show)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
                       eval_objective=eval_objective, dist=dist, base=base)
     if resume_from is not None:
@@ -174,10 +176,16 @@ def _pretrain_parts(cfg: Config, data: str, tokenizer, micro: int, rows: slice, 
 
 
 def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, evals, pdata, out: Path, device,
-                           dist: Dist):
+                           dist: Dist, show: bool = False):
     """DPO's objectives for training and eval: against the reference model, or against its log-probs computed
     once (dpo.precompute_ref), in which case no reference is held while training. With LoRA the reference is
-    the policy with its adapters off: the same weights, no second copy."""
+    the policy with its adapters off: the same weights, no second copy. A reference-free loss (SimPO, ORPO) gets
+    none at all: no model loaded, no table computed."""
+    if cfg.dpo.loss_type in REFERENCE_FREE:
+        if show:
+            print(f"dpo.loss_type={cfg.dpo.loss_type} is reference-free: no reference model is loaded")
+        objective = Preference(cfg.dpo)
+        return objective, objective
     if cfg.lora.enabled and own_ref:
         reference = WithoutAdapters(model)
     elif cfg.dpo.precompute_ref and own_ref:
