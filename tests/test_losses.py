@@ -178,3 +178,49 @@ def test_lm_loss_matches_cross_entropy():
     labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 0, 1]])
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(lm_loss(logits, labels), expected)
+
+
+# ---- KTO -----------------------------------------------------------------------------------------------
+LABELS = torch.tensor([True, False, True, False])
+KL_POLICY, KL_REFERENCE = torch.tensor([-9.0, -13.0, -8.0, -19.5]), torch.tensor([-9.5, -12.0, -8.5, -20.0])
+
+
+def test_kto_hand_worked_values_and_gradient_signs():
+    from llama4dpo.losses import kto_kl, kto_loss
+    kl = kto_kl(KL_POLICY, KL_REFERENCE)  # mean(0.5, -1, 0.5, 0.5) = 0.125
+    assert kl.item() == pytest.approx(0.125)
+    assert kto_kl(KL_REFERENCE, KL_POLICY).item() == 0.0  # clamped at 0
+    pc = PC.clone().requires_grad_()
+    losses, rewards = kto_loss(pc, RC, LABELS, kl, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    # example 0 desirable: r = -10 - -10.5 = 0.5 -> 2 (1 - sigma(0.5 (0.5 - 0.125)));
+    # example 1 undesirable: r = 0 -> 0.5 (1 - sigma(0.5 (0.125 - 0)))
+    assert losses[0].item() == pytest.approx(2 * (1 - sig(0.5 * 0.375)))
+    assert losses[1].item() == pytest.approx(0.5 * (1 - sig(0.5 * 0.125)))
+    assert rewards.tolist() == pytest.approx([0.25, 0.0, 0.25, 0.5])
+    losses.sum().backward()
+    assert (pc.grad[LABELS] < 0).all() and (pc.grad[~LABELS] > 0).all()  # desirable up, undesirable down
+
+
+def test_kto_matches_trl_kto_trainer():
+    """TRL's KTOTrainer._compute_loss on a fake model whose completion and KL log-probs are PC and KL_POLICY."""
+    from trl import KTOTrainer
+
+    from llama4dpo.losses import kto_kl, kto_loss
+    B, T, beta = 4, 10, 0.3
+    per_token = torch.zeros(B, T - 1)
+    per_token[:, -1] = PC  # one scored token holding each completion's whole log-prob
+    outputs = SimpleNamespace(log_probs=per_token, entropy=torch.zeros(B, T - 1), mean_logits=torch.zeros(B, T - 1))
+    acc = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False,
+                           precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+                           desirable_weight=1.5, undesirable_weight=0.7, _tp_size=1, _total_train_tokens=0,
+                           _metrics=defaultdict(lambda: defaultdict(list)),
+                           _compute_kl_logps=lambda model, batch: KL_POLICY)
+    completion_mask = torch.zeros(B, T, dtype=torch.long)
+    completion_mask[:, -1] = 1
+    inputs = {"input_ids": torch.ones(B, T, dtype=torch.long), "attention_mask": torch.ones(B, T, dtype=torch.long),
+              "completion_mask": completion_mask, "label": LABELS, "ref_logps": RC, "ref_KL_logps": KL_REFERENCE}
+    want = KTOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
+    losses, _ = kto_loss(PC, RC, LABELS, kto_kl(KL_POLICY, KL_REFERENCE), beta=beta, desirable_weight=1.5,
+                         undesirable_weight=0.7)
+    assert losses.mean().item() == pytest.approx(want.item(), abs=1e-6)

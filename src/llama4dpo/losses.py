@@ -186,3 +186,23 @@ def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
         r = (reference_chosen_logps - reference_rejected_logps).sort(dim=0).values
     losses = LOSSES[loss_type](c, r, beta, label_smoothing, gamma)
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+# ---- unpaired: KTO -----------------------------------------------------------------------------------------
+def kto_kl(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 7): KL(pi || pi_ref) estimated by the mean log-ratio
+    of mismatched (prompt, completion) pairs of the batch, clamped at 0 and detached (no gradient flows through it,
+    as in the paper and TRL)."""
+    return (policy_kl_logps - reference_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             *, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) per example: with r = beta (log pi - log pi_ref),
+    desirable:   lambda_D (1 - sigma(r - beta z0));   undesirable:   lambda_U (1 - sigma(beta z0 - r)).
+    Returns (losses, rewards r detached), each (batch,)."""
+    logratios = policy_logps - reference_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))
+    return losses, beta * logratios.detach()

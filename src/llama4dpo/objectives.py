@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .config import DPOConfig
-from .losses import (LENGTH_NORMALISED, REFERENCE_FREE, WITH_NLL, preference_loss, sequence_logps, shared_prompt_logps,
+from .losses import (LENGTH_NORMALISED, REFERENCE_FREE, WITH_NLL, kto_kl, kto_loss, preference_loss, sequence_logps, shared_prompt_logps,
                       token_logps)
 
 
@@ -177,6 +177,39 @@ class Preference(Objective):
             "length/rejected": lengths[B:].sum(),
         }
         return StepOutput(loss_sum, B, metrics)
+
+
+class KTO(Preference):
+    """KTO (Ethayarajh et al. 2024) on unpaired examples (data/unpaired.py): each row holds a prompt, its completion
+    and a mismatched completion (the KL row), laid out as a pair's chosen and rejected; `label` says whether the
+    completion is desirable. The reference point z0 is estimated on this micro-batch's KL rows."""
+
+    name = "kto"
+
+    def __call__(self, model, batch) -> StepOutput:
+        ref_sums, _ = self._reference(batch)
+        logps, n_tokens = pair_logps(model, batch, self.logps)  # (2B,): completions, then KL completions
+        B = logps.shape[0] // 2
+        kl = kto_kl(logps[B:], ref_sums[B:])
+        desirable = batch["label"].to(logps.device)
+        losses, rewards = kto_loss(logps[:B], ref_sums[:B], desirable, kl, beta=self.cfg.beta,
+                                   desirable_weight=self.cfg.desirable_weight,
+                                   undesirable_weight=self.cfg.undesirable_weight)
+        loss_sum = losses.sum()
+        if self.cfg.sft_weight > 0:  # + alpha * NLL of the desirable completions per token
+            nll = -logps[:B] / n_tokens[:B].clamp(min=1)
+            loss_sum = loss_sum + self.cfg.sft_weight * (nll * desirable).sum()
+        agree = torch.where(desirable, rewards > 0, rewards < 0)  # the implicit reward's sign is the label's
+        metrics = {"loss": loss_sum.detach(), "kl": kl * B, "rewards/accuracies": agree.float().sum(),
+                   "rewards/desirable": (rewards * desirable).sum(), "rewards/undesirable": (rewards * ~desirable).sum(),
+                   "desirable": desirable.float().sum(), "logps/completion": logps[:B].detach().sum(),
+                   "length/completion": n_tokens[:B].float().sum()}
+        return StepOutput(loss_sum, B, metrics)
+
+
+def preference_objective(cfg: DPOConfig, reference=None, reference_logps=None) -> Preference:
+    """The objective dpo.loss_type names: KTO on unpaired examples, else the pairwise losses."""
+    return (KTO if cfg.loss_type == "kto" else Preference)(cfg, reference=reference, reference_logps=reference_logps)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ class DataConfig:
     max_prompt_length: int = 256     # prompt tokens kept (from the end) before responses are cut
     block_size: int = 256            # pretraining window
     strict: bool = False             # first bad record is an error instead of a counted skip
+    unpair: bool = False             # KTO on pairs: each gives a desirable (chosen) and an undesirable example
     num_proc: int = 1                # datasets.map workers for tokenisation
     builtin_size: int = 4000         # number of prompts generated for `builtin:` sources
     pad_to_multiple_of: int | None = None  # batch lengths rounded up to a multiple: fewer shapes to compile/record
@@ -104,7 +105,7 @@ class TrainConfig:
 
 # TRL's DPO loss_type names (and SimPO, ORPO); losses.py has each one's equation and paper
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
-              "sppo_hard", "apo_zero", "apo_down", "aot")
+              "sppo_hard", "apo_zero", "apo_down", "aot", "kto")
 
 
 @dataclass
@@ -116,6 +117,8 @@ class DPOConfig:
     sft_weight: float = 0.0          # RPO-style NLL term on the chosen response (ORPO has weight 1 built in)
     precompute_ref: bool = False     # reference log-probs computed once, cached; no reference model in memory
     share_prompt: bool = True        # one row [prompt | chosen | rejected] per pair: the prompt computed once
+    desirable_weight: float = 1.0    # KTO's lambda_D and lambda_U
+    undesirable_weight: float = 1.0
 
     def validate(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -124,6 +127,9 @@ class DPOConfig:
             raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"dpo.{key}: must be > 0, got {getattr(self, key)}")
         if self.loss_type == "exo_pair" and self.label_smoothing == 0:
             raise ConfigError("dpo.loss_type=exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3)")
 

@@ -7,6 +7,7 @@
     prepare.py     tokenisation and the truncation policy (long prompts keep their end, never dropped)
     preference.py  load_preference_data: the whole pipeline for preference pairs, with the eval split
                    (or none: every pair scored, for `llama4dpo eval`)
+    unpaired.py    load_unpaired_data: KTO's (prompt, completion, label) examples, with their KL completions
     sft.py         load_sft_data: demonstrations (prompt, response) for SFT, through the same pipeline
     batches.py     examples or a token stream as the Trainer's deterministic, resumable batches
     collate.py     padded [chosen; rejected] (DPO) and prompt + chosen (SFT) batches
@@ -23,9 +24,11 @@ from .preference import PreferenceData, check_context, load_preference_data, rea
 from .prepare import prepare_pair, truncate_pair
 from .report import REASONS, DataReport
 from .sft import SFTData, load_sft_data
+from .unpaired import load_unpaired_data
 from .sources import read_records, write_records
 
 __all__ = [
+    "load_unpaired_data",
     "TASKS", "Task", "get_task",
     "ASSISTANT", "HUMAN", "SYSTEM", "render_prompt", "render_response", "render_transcript", "split_transcripts",
     "IGNORE_INDEX", "collate_preference", "collate_preference_shared", "collate_sft", "preference_collator",

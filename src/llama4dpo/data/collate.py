@@ -59,7 +59,7 @@ def collate_preference(examples: Sequence[Mapping], pad_id: int,
     """
     chosen = [(ex["prompt_ids"], ex["chosen_ids"]) for ex in examples]
     rejected = [(ex["prompt_ids"], ex["rejected_ids"]) for ex in examples]
-    return pad_sequences(chosen + rejected, pad_id, pad_to_multiple_of)
+    return with_labels(pad_sequences(chosen + rejected, pad_id, pad_to_multiple_of), examples)
 
 
 def collate_preference_shared(examples: Sequence[Mapping], pad_id: int,
@@ -112,7 +112,14 @@ def collate_preference_shared(examples: Sequence[Mapping], pad_id: int,
         out["logit_index"][i, :C + R] = torch.tensor(_sources(P, P, C) + _sources(P, P + C, R), dtype=torch.long)
         out["targets"][i, :C + R] = torch.tensor(c + r, dtype=torch.long)
         out["branch"][i, :C + R] = torch.tensor([1] * C + [2] * R, dtype=torch.long)
-    return out
+    return with_labels(out, examples)
+
+
+def with_labels(batch: dict, examples: Sequence[Mapping]) -> dict:
+    """KTO's unpaired examples (data/unpaired.py) carry whether each completion is desirable: a (B,) bool tensor."""
+    if examples and "label" in examples[0]:
+        batch["label"] = torch.tensor([bool(e["label"]) for e in examples])
+    return batch
 
 
 def _sources(P: int, start: int, n: int) -> list[int]:

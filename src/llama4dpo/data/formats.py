@@ -91,6 +91,57 @@ def extract_pair(rec: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
+def detect_unpaired_format(raw: RawRecords, requested: str = "auto") -> str:
+    """KTO's unpaired records, {"prompt", "completion", "label": bool} (TRL's format): explicit (texts) or
+    conversational (message lists)."""
+    fields = raw.fields()
+    if not {"prompt", "completion", "label"} <= set(fields):
+        found = ", ".join(sorted(fields)) if fields else "none (no readable records)"
+        raise UserError(f"{raw.source} is not an unpaired (KTO) data set: it needs 'prompt', 'completion' and "
+                        f"'label' fields (or data.unpair=true for a paired one); found fields: {found}")
+    if requested in ("explicit", "conversational"):
+        return requested
+    if requested != "auto":
+        raise UserError(f"data.format={requested} does not apply to unpaired records (explicit or conversational)")
+    for _, rec in raw.rows:
+        if isinstance(rec, dict) and rec.get("completion") is not None:
+            return "conversational" if _as_message_list(rec["completion"]) is not None else "explicit"
+    return "explicit"
+
+
+def extract_completion(rec: dict, fmt: str, tokenizer=None) -> tuple[str, str, bool]:
+    """(prompt, response, label) of one unpaired record, rendered as `extract_pair` renders a pair's; `Skip`
+    for a bad one."""
+    nfkc = tokenizer is None or tokenizer.applies_nfkc
+    label = _value(rec, "label")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise Skip("bad_label", f"label is {str(label)[:20]!r}, not true or false")
+    if fmt == "conversational":
+        raw_prompt = _value(rec, "prompt")
+        context = ([{"role": "user", "content": normalize_text(raw_prompt, nfkc)}]
+                   if isinstance(raw_prompt, str) and _as_message_list(raw_prompt) is None
+                   else _messages(rec, "prompt", nfkc))
+        answer = _messages(rec, "completion", nfkc)
+        if answer[-1]["role"] != "assistant":
+            raise Skip("no_assistant_turn", "the completion's last message is not the assistant's")
+        completion = answer[-1]["content"]
+        if not any(m["content"].strip() for m in context):
+            raise Skip("empty_field", "prompt")
+        prompt = render_prompt(context, nfkc)
+    else:
+        prompt, completion = _text(rec, "prompt", nfkc), _text(rec, "completion", nfkc)
+        context = [{"role": "user", "content": prompt}]
+    if not completion.strip():
+        raise Skip("empty_field", "completion")
+    if has_template(tokenizer):
+        prompt, completion, _ = render_pair(tokenizer, context, completion, completion)
+    elif fmt == "conversational":
+        completion = render_response(completion, nfkc)
+    return prompt, completion, label
+
+
 def render_pair(tokenizer, context: list[dict], chosen: str, rejected: str) -> tuple[str, str, str]:
     """(prompt, chosen response, rejected response) rendered by the tokenizer's chat template; a template that
     fails on the conversation, or whose prompt is not a prefix of the full render, is a `Skip`; so is a text

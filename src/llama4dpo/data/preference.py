@@ -156,13 +156,18 @@ def load_preference_data(source: str, cfg: DataConfig, tokenizer, *, strict: boo
     builtin task gives its demonstrations instead of its pairs (files: SFT uses prompt + chosen).
     `split=False`: no eval split, every kept pair is in `eval` (for scoring). `context`: the model's
     max_position_embeddings, checked against data.max_length before anything is read."""
-    import datasets
-
     check_context(cfg, context)
     cols, report = read_pairs(source, cfg, strict=strict, sft=sft, split=split, tokenizer=tokenizer)
     if not cols["prompt"]:
         skipped = ", ".join(f"{n} {reason}" for reason, n in report.skipped.items())
         raise UserError(f"{source}: no usable preference pairs in {report.records} records ({skipped or 'empty'})")
+    return tokenized(cols, report, source, cfg, tokenizer, split)
+
+
+def tokenized(cols: dict, report: DataReport, source: str, cfg: DataConfig, tokenizer, split: bool = True):
+    """Checked texts (read_pairs' columns, and any extra one such as KTO's label) tokenised, truncated and split."""
+    import datasets
+
     ds = tokenize_pairs(datasets.Dataset.from_dict(cols), tokenizer, cfg.max_length, cfg.max_prompt_length,
                         cfg.num_proc)
     keep = _count_truncation(ds, report, cfg)

@@ -19,6 +19,7 @@ these reasons, and `DataReport.summary()` prints the counts and the first few lo
                          a prefix of its render of the conversation with the answer
     template_error       with a chat template: the template failed on the conversation (e.g. raise_exception)
     special_token_in_text  with a chat template: a text holds one of the model's special (control) tokens
+    bad_label            unpaired (KTO): a label that is not true/false (or 1/0)
 
 In strict mode the first bad record is a one-line `UserError` instead.
 """
@@ -32,7 +33,7 @@ from ..errors import UserError
 
 REASONS = ("malformed_json", "missing_field", "null_field", "non_string_field", "empty_field", "bad_messages",
            "no_assistant_turn", "mismatched_prompts", "identical_responses", "prompt_too_long",
-           "bad_transcript", "template_not_prefix", "template_error", "special_token_in_text")
+           "bad_transcript", "template_not_prefix", "template_error", "special_token_in_text", "bad_label")
 SHOW_FIRST = 5  # locations remembered per reason
 
 
@@ -103,9 +104,10 @@ class DataReport:
                 locs = ", ".join(map(str, self.first[reason])) + more
                 lines.append(f"  skipped {self.skipped[reason]} {reason} ({self.unit}s {locs})")
         if self.max_length is not None:
+            kinds = ("completions", "KL completions") if self.format.startswith("unpaired") else ("chosen", "rejected")
             lines.append(f"  truncation (max_length={self.max_length}, max_prompt_length={self.max_prompt_length}: "
                          f"prompts keep their end, responses their start): {self.truncated_prompts} prompts, "
-                         f"{self.truncated_chosen} chosen and {self.truncated_rejected} rejected responses cut "
+                         f"{self.truncated_chosen} {kinds[0]} and {self.truncated_rejected} {kinds[1]} responses cut "
                          "(a cut response loses its eos)")
         if self.unknown_chars:
             lines.append(f"  {self.unknown_chars} characters outside the tokenizer's vocabulary mapped to <unk>")

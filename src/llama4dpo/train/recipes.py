@@ -18,13 +18,13 @@ from ..checkpoint.adapters import base_record, checkpoint_fingerprint
 from ..checkpoint.run_dir import holds_run_dir, prepare_run_dir, release_run_dir
 from ..config import Config, TrainConfig
 from ..data import (check_context, collate_sft, load_preference_data, load_sft_data, load_token_streams,
-                    preference_collator, training_texts)
+                    load_unpaired_data, preference_collator, training_texts)
 from ..data.batches import ExampleBatches, StreamBatches
 from ..errors import UserError
 from ..losses import REFERENCE_FREE
 from ..model import LlamaModel
 from ..model.lora import WithoutAdapters, apply_lora, trainable_summary
-from ..objectives import LanguageModeling, Preference, precompute_reference_logps
+from ..objectives import LanguageModeling, precompute_reference_logps, preference_objective
 from ..resources import check_training
 from ..runtime import autocast, resolve_device
 from ..tokenizer import build_tokenizer, load_tokenizer as load_tokenizer_file
@@ -184,7 +184,7 @@ def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, 
     if cfg.dpo.loss_type in REFERENCE_FREE:
         if show:
             print(f"dpo.loss_type={cfg.dpo.loss_type} is reference-free: no reference model is loaded")
-        objective = Preference(cfg.dpo)
+        objective = preference_objective(cfg.dpo)
         return objective, objective
     if cfg.lora.enabled and own_ref:
         reference = WithoutAdapters(model)
@@ -196,14 +196,14 @@ def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, 
         if dist.enabled and dist.strategy == "fsdp":
             dist.shard(reference, cfg.train.precision)  # every rank holds a shard; forwards gather it per block
     if not cfg.dpo.precompute_ref:
-        objective = Preference(cfg.dpo, reference=reference)
+        objective = preference_objective(cfg.dpo, reference=reference)
         return objective, objective
     # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
     with autocast(cfg.train.precision, device):
         train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
         eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
-    return (Preference(cfg.dpo, reference_logps=train_logps),
-            Preference(cfg.dpo, reference_logps=eval_logps) if evals else None)
+    return (preference_objective(cfg.dpo, reference_logps=train_logps),
+            preference_objective(cfg.dpo, reference_logps=eval_logps) if evals else None)
 
 
 def _save_tokenizer(out: Path, tokenizer) -> None:
@@ -229,7 +229,8 @@ def _examples(stage: str, cfg: Config, data: str, out: Path, tokenizer, show: bo
     if not show:
         import datasets
         datasets.disable_progress_bars()
-    load = load_sft_data if stage == "sft" else load_preference_data
+    load = (load_sft_data if stage == "sft" else load_unpaired_data if cfg.dpo.loss_type == "kto"
+            else load_preference_data)
     examples = load(data, cfg.data, tokenizer)
     summary = examples.report.summary()
     if dist.is_main:
