@@ -99,3 +99,18 @@ def test_a_paired_file_without_unpair_is_a_one_line_error(base, tmp_path, capsys
     assert main(["dpo", *COMMON, "--init", str(base), "--data", str(pairs), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.unpair=true" in err[0]
+
+
+def test_conversational_unpaired_records(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+             "completion": [{"role": "assistant", "content": f"The answer is {i + 1}."}], "label": i % 2 == 0}
+            for i in range(8)]
+    rows.append({"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "user", "content": "x"}],
+                 "label": True})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = build_tokenizer("char", ["What is 0123456789 + ? The answer is .\n\nHuman: Assistant:"], 0)
+    data = load_unpaired_data(str(path), Config.load(TINY, ["data.eval_samples=2"]).data, tok)
+    assert data.report.format == "unpaired conversational" and data.report.skipped == {"no_assistant_turn": 1}
+    assert data.report.n_train == 6 and data.report.n_eval == 2
+    assert "Assistant:" in tok.decode(data.train[0]["prompt_ids"])
