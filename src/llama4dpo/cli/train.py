@@ -9,8 +9,9 @@ from ..demo import run_demo
 from ..demo_smollm2 import run_smollm2_demo
 from ..errors import UserError
 from ..plot import plot_run
+from ..sweep import run_sweep
 from ..train.recipes import run
-from .args import config_of
+from .args import config_of, positive_int
 
 
 def cmd_pretrain(args) -> int:
@@ -47,6 +48,12 @@ def cmd_demo(args) -> int:
         raise UserError("demo --lora adapts a pretrained model: use it with --model smollm2")
     else:
         run_demo(args.out or "runs/demo", args.overrides, quick=args.quick)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    run_sweep(args.init, args.out, args.data, args.config, args.overrides, points=args.points, samples=args.samples,
+              quick=args.quick, show=not args.quiet)
     return 0
 
 
@@ -88,6 +95,21 @@ def add_commands(sub) -> None:
                                                       "layer, lr 2e-4) instead of full DPO")
     s.add_argument("overrides", nargs="*", metavar="section.key=value")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sweep", help="the reward-vs-KL frontier: DPO runs over a grid of list-valued overrides "
+                                     "(default dpo.loss_type x dpo.beta), each evaluated along training")
+    s.add_argument("--init", required=True, help="the SFT checkpoint every run starts from (and the reference)")
+    s.add_argument("--data", default="builtin:assistant", help="a source with a program-computed reward "
+                                                               "(default builtin:assistant)")
+    s.add_argument("--out", default="runs/sweep")
+    s.add_argument("--config", help="TOML preset (default: the --init checkpoint's own config)")
+    s.add_argument("--points", type=positive_int, default=3, help="evaluations along each run (default 3)")
+    s.add_argument("--samples", type=positive_int, default=2, help="answers sampled per held-out prompt (default 2)")
+    s.add_argument("--quick", action="store_true", help="a few steps per run (a smoke run)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="a list value is a grid axis: dpo.beta=[0.1,0.3]")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     s.add_argument("run_dir")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +78,15 @@ STAGES = ("pretrain", "sft", "dpo")
 
 @releases_run_dir
 def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | None = None,
-        ref: str | Path | None = None, *, overwrite=False, resume=False, show=True) -> Path:
+        ref: str | Path | None = None, *, overwrite=False, resume=False, show=True,
+        shared_ref: Path | None = None) -> Path:
     """Train one stage into the run directory `out` and return its final checkpoint.
 
     pretrain: a new model, and a tokenizer built from `data`'s text, trained on its token stream.
     sft:      the checkpoint `init` trained on the chosen responses of `data`'s pairs.
     dpo:      the checkpoint `init` trained on `data`'s pairs against the reference `ref` (default: `init`).
+    `shared_ref`: a directory whose ref_logps_*.safetensors another run computed (`llama4dpo sweep`): reused
+    where their key (reference weights and token ids) matches this run's.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -128,7 +132,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
             objective = eval_objective = LanguageModeling()
         else:
             objective, eval_objective = _preference_objectives(cfg, model, own_ref, ref, train, evals, pdata, out,
-                                                               device, dist, show)
+                                                               device, dist, show, shared_ref)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
                       eval_objective=eval_objective, dist=dist, base=base)
     if resume_from is not None:
@@ -176,7 +180,7 @@ def _pretrain_parts(cfg: Config, data: str, tokenizer, micro: int, rows: slice, 
 
 
 def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, evals, pdata, out: Path, device,
-                           dist: Dist, show: bool = False):
+                           dist: Dist, show: bool = False, shared_ref: Path | None = None):
     """DPO's objectives for training and eval: against the reference model, or against its log-probs computed
     once (dpo.precompute_ref), in which case no reference is held while training. With LoRA the reference is
     the policy with its adapters off: the same weights, no second copy. A reference-free loss (SimPO, ORPO) gets
@@ -200,8 +204,10 @@ def _preference_objectives(cfg: Config, model, own_ref: bool, ref: Path, train, 
         return objective, objective
     # Every rank computes the whole table (all take part in FSDP2's gathers); rank 0 caches it.
     with autocast(cfg.train.precision, device):
-        train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist)
-        eval_logps = cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist) if evals else None
+        train_logps = cached_reference_logps(out, "train", reference, train, len(pdata.train), ref, device, dist,
+                                             shared_ref)
+        eval_logps = (cached_reference_logps(out, "eval", reference, evals, len(pdata.eval), ref, device, dist,
+                                             shared_ref) if evals else None)
     return (preference_objective(cfg.dpo, reference_logps=train_logps),
             preference_objective(cfg.dpo, reference_logps=eval_logps) if evals else None)
 
@@ -241,9 +247,10 @@ def _examples(stage: str, cfg: Config, data: str, out: Path, tokenizer, show: bo
 
 
 def cached_reference_logps(out: Path, split: str, reference, batches, n: int, ref_path: Path, device,
-                           dist: Dist | None = None):
+                           dist: Dist | None = None, shared: Path | None = None):
     """Reference log-probs for every example, cached in OUT/ref_logps_{split}.safetensors and keyed by the
-    reference weights and the exact token ids, so a resumed run reuses them and a changed input does not."""
+    reference weights and the exact token ids, so a resumed run reuses them and a changed input does not; so does
+    a run given another's cache (`shared`, a directory)."""
     if isinstance(batches, ExampleBatches):
         batches = batches.fixed()
     key = hashlib.sha256()
@@ -256,6 +263,8 @@ def cached_reference_logps(out: Path, split: str, reference, batches, n: int, re
     key = key.hexdigest()
     path = out / f"ref_logps_{split}.safetensors"
     dist = dist or Dist()
+    if shared is not None and dist.on_main(_read_cache, shared / path.name, key):
+        dist.on_main(shutil.copyfile, shared / path.name, path)
     cached = dist.on_main(_read_cache, path, key)  # every rank decides alike (they all read, or all compute)
     if cached:
         with safe_open(str(path), "pt") as f:
