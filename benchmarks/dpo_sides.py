@@ -45,6 +45,10 @@ SETTINGS = {
     # dpo.share_prompt=false: [chosen; rejected] rows, the prompt computed twice (the layout TRL uses)
     "ours-fp32-unshared": dict(side="ours", precision="fp32", gc=False, preref=False, share=False),
     "ours-bf16-unshared": dict(side="ours", precision="bf16", gc=False, preref=False, share=False),
+    # reference-free objectives: no reference model loaded, no reference table computed
+    "ours-fp32-simpo":    dict(side="ours", precision="fp32", gc=False, preref=False, overrides=["dpo.loss_type=simpo"]),
+    "ours-bf16-simpo":    dict(side="ours", precision="bf16", gc=False, preref=False, overrides=["dpo.loss_type=simpo"]),
+    "ours-fp32-orpo":     dict(side="ours", precision="fp32", gc=False, preref=False, overrides=["dpo.loss_type=orpo"]),
     "trl-fp32":           dict(side="trl", precision="fp32", gc=False, preref=False),
     "trl-default":        dict(side="trl", precision="bf16", gc=True, preref=False),   # TRL's own defaults
     "trl-bf16":           dict(side="trl", precision="bf16", gc=False, preref=False),
@@ -66,7 +70,8 @@ def describe(name: str) -> str:
         (", torch.compile" if s.get("compile") else "") + \
         (f", activation memory budget {s['budget']}" if s.get("budget") else "") + \
         (", CUDA graphs" if s.get("mode") == "reduce-overhead" else "") + \
-        (", no prefix sharing" if s.get("share") is False else "")
+        (", no prefix sharing" if s.get("share") is False else "") + \
+        "".join(f", {o.split('=')[1]} (reference-free)" for o in s.get("overrides", ()) if o.startswith("dpo.loss_type"))
     return f"{side} ({prec}{extra})"
 
 

@@ -35,8 +35,9 @@ from dpo_sides import SETTINGS, describe, ours_overrides, pool_rounds
 
 HEADING = "## DPO training step: llama4dpo vs TRL and transformers (`benchmarks/dpo_speed.py`)"
 CPU_DEFAULT = ["ours-fp32", "ours-bf16", "trl-fp32", "trl-default"]
-CPU_EXTRA = ["ours-fp32-unshared", "ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "trl-bf16",
-             "trl-bf16-preref", "trl-default-preref"]  # run at --extra-at experts only
+CPU_EXTRA = ["ours-fp32-unshared", "ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "ours-fp32-simpo",
+             "ours-fp32-orpo", "ours-bf16-simpo", "trl-bf16", "trl-bf16-preref",
+             "trl-default-preref"]  # run at --extra-at experts only
 
 
 def parse_args():

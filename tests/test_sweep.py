@@ -92,3 +92,18 @@ def test_a_source_without_a_reward_is_refused_before_training(base, tmp_path, ca
     assert main(["sweep", "--init", str(base), "--data", str(pairs), "--out", str(tmp_path / "s"), "--quick"]) == 2
     assert "no program-computed reward" in capsys.readouterr().err
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_a_sweep_runs_under_torchrun(base, tmp_path):
+    """Two processes train every run (DDP); the first evaluates and writes each run's rows once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    env.pop("LLAMA4DPO_FAULT", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "llama4dpo",
+           "sweep", "--init", str(base), "--out", str(tmp_path / "sweep"), "--quick", "--quiet",
+           "dpo.beta=[0.1,0.5]", "train.device=cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = rows_of(tmp_path / "sweep")
+    assert {r["run"] for r in rows} == {"beta=0.1", "beta=0.5"}
+    assert len(rows) == len({(r["run"], r["step"]) for r in rows})  # each point written once
+    assert done.stdout.count("| run | step | reward |") == 1

@@ -11,13 +11,15 @@ steps along its training on the held-out prompts: the ground-truth reward of its
 program-computed score, `builtin:` tasks) and KL(pi || pi_ref) per answer, so each run traces a curve from the
 reference (KL 0). Written: results.jsonl (a row per run and point), frontier.png (reward against KL, a colour
 per objective, each curve's beta labelled) and a table. A killed sweep continues: runs whose rows are in
-results.jsonl are skipped, an interrupted run resumes from its latest checkpoint.
+results.jsonl are skipped, an interrupted run resumes from its latest checkpoint. Under torchrun every process
+trains each run (DDP or FSDP2, as `dpo` does) and the first one evaluates and writes.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 import typing
 from pathlib import Path
@@ -30,6 +32,7 @@ from .errors import UserError
 from .evaluate import ground_truth_metrics
 from .faults import fault_point
 from .plot import plot_frontier
+from .train.distributed import Dist
 from .train.recipes import run
 
 DEFAULT_GRID = ["dpo.loss_type=[sigmoid,ipo,simpo]", "dpo.beta=[0.03,0.1,0.3,1.0]"]
@@ -65,6 +68,19 @@ def run_sweep(init: str | Path, out: str | Path, data: str = "builtin:assistant"
               overrides: list[str] = (), *, points: int = 3, samples: int = 2, quick: bool = False,
               show: bool = True) -> list[dict]:
     start, out = time.perf_counter(), Path(out)
+    device = _config(resolve_checkpoint(init), config, split_grid(list(overrides))[0]).train.device
+    # Under torchrun, one process group serves every run: a group made again after one was destroyed would find
+    # its peers' stale addresses in torchrun's store.
+    group = Dist.from_env("ddp", device)
+    try:
+        return _sweep(init, out, data, config, list(overrides), points, samples, quick, show, start, group)
+    finally:
+        group.close()
+
+
+def _sweep(init, out: Path, data: str, config, overrides: list[str], points: int, samples: int, quick: bool,
+           show: bool, start: float, group: Dist) -> list[dict]:
+    main_process = group.is_main
     init = resolve_checkpoint(init)
     fixed, axes = split_grid(list(overrides))
     if not axes:
@@ -85,7 +101,8 @@ def run_sweep(init: str | Path, out: str | Path, data: str = "builtin:assistant"
         raise UserError(f"sweep: {data} has no program-computed reward to draw the frontier with (use builtin:NAME)")
     prompts = heldout.eval_prompts[:8] if quick else heldout.eval_prompts
     shared = None
-    print(f"sweep: {len(combos)} runs ({' x '.join(f'{k} {v}' for k, v in axes)}) of {steps} steps from {init}, "
+    say = print if main_process else (lambda *a, **k: None)
+    say(f"sweep: {len(combos)} runs ({' x '.join(f'{k} {v}' for k, v in axes)}) of {steps} steps from {init}, "
           f"{len(done)} done already; each evaluated at {min(points, steps)} points", flush=True)
     for i, combo in enumerate(combos):
         name = run_name(combo)
@@ -96,13 +113,19 @@ def run_sweep(init: str | Path, out: str | Path, data: str = "builtin:assistant"
         fault_point("sweep_run", i)
         cfg = _config(init, config, [*base, *[f"{k}={v}" for k, v in combo], f"train.save_every={every}",
                                      f"train.keep_last={points + 2}", f"train.eval_every={steps}"])
-        print(f"[{i + 1}/{len(combos)}] {name}", flush=True)
+        say(f"[{i + 1}/{len(combos)}] {name}", flush=True)
         run("dpo", cfg, data, run_dir, init, show=show, shared_ref=shared)
         shared = shared or _cache_dir(run_dir)
+        if not main_process:  # (under torchrun every process trains; the first one evaluates and writes)
+            group.barrier()
+            continue
         new = _evaluate(run_dir, dict(combo), name, reference, tokenizer, prompts, heldout.score, samples, quick)
         with results.open("a", encoding="utf-8") as f:  # a run counts as done once its rows are written
             f.write("".join(json.dumps(r) + "\n" for r in new))
         rows += new
+        group.barrier()
+    if not main_process:
+        return rows
     png = plot_frontier(rows, out / "frontier.png")
     seconds = time.perf_counter() - start
     print(table(rows) + f"\n\n{len(combos)} runs, results in {results}, frontier in {png}; {seconds:.0f} s", flush=True)

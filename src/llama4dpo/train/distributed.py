@@ -33,6 +33,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     strategy: str = "ddp"
+    owns_group: bool = False  # whether from_env created the process group (and close destroys it)
 
     @property
     def enabled(self) -> bool:
@@ -51,11 +52,12 @@ class Dist:
             return cls(strategy=strategy)
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         cuda = device_name != "cpu" and torch.cuda.is_available()
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()  # (a caller that made the group, e.g. `sweep`, keeps it over several runs)
+        if owns:
             if cuda:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-        return cls(rank, world, local_rank, strategy)
+        return cls(rank, world, local_rank, strategy, owns)
 
     def place(self, device: torch.device) -> torch.device:
         """This rank's own GPU for a plain "cuda" device."""
@@ -64,10 +66,11 @@ class Dist:
         return device
 
     def close(self) -> None:
-        """Leave the process group together (a rank leaving alone can hang its peer's teardown)."""
+        """Leave the process group together (a rank leaving alone can hang its peer's teardown), if this made it."""
         if self.enabled and dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if self.owns_group:
+                dist.destroy_process_group()
 
     # ---- models ----------------------------------------------------------------------------------------
     def wrap(self, model, precision: str = "fp32"):
