@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo demo-smollm2 demo-smollm2-lora bench gpu-wheels clean
+.PHONY: install test test-slow demo demo-smollm2 demo-smollm2-lora sweep bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 demo-smollm2: $(STAMP)
 	$(BIN)/llama4dpo demo --model smollm2 --out runs/demo-smollm2
+
+# The reward-vs-KL frontier from make demo's SFT model (about 8 minutes on 2 cores; README shows one).
+sweep: $(STAMP)
+	test -f runs/demo/sft/final/model.safetensors || $(BIN)/llama4dpo demo --out runs/demo
+	$(BIN)/llama4dpo sweep --init runs/demo/sft --out runs/sweep
 
 demo-smollm2-lora: $(STAMP)
 	$(BIN)/llama4dpo demo --model smollm2 --lora --out runs/demo-smollm2-lora
