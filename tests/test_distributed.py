@@ -37,7 +37,7 @@ def launch(args, nproc: int = 1, fault: str | None = None) -> subprocess.Complet
                "-m", "llama4dpo", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if nproc > 1 and not fault and result.returncode != 0 and TEARDOWN_ABORT in result.stderr:
-        # Seen once in a few hundred torchrun runs here: a process aborts in gloo's teardown after the run has
+        # Seen once in this project's test runs: a process aborts in gloo's teardown after the run has
         # written everything (final/ and metrics complete). The same command resumes the finished run: once more.
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     return result
