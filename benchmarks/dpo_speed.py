@@ -14,7 +14,7 @@ On a shared machine each step also records how many cores OTHER processes used m
 median is over the "quiet" steps (< 0.25 cores used by others) when there are at least 3, else over all steady
 steps. `--rounds N` interleaves N runs of every setting; `--threads 1` is the robust choice on a loaded machine.
 Memory: peak RSS (getrusage) of the setting's process, and that minus the RSS after importing torch ("train
-RSS"); on CUDA torch.cuda.max_memory_allocated. Model FLOPs: (6 + 2 for a reference forward) x N x tokens run,
+RSS"); on CUDA torch.cuda.max_memory_allocated. Model FLOPs: (6 + 2 for a reference forward, where one runs) x N x tokens run,
 N = active parameters without the input embedding, the same useful FLOPs credited to every side; MFU against
 the matmul peak measured in the same run. Forward+backward and generation: fwd_bwd.py and generation.py.
 """
@@ -38,6 +38,12 @@ CPU_DEFAULT = ["ours-fp32", "ours-bf16", "trl-fp32", "trl-default"]
 CPU_EXTRA = ["ours-fp32-unshared", "ours-fp32-preref", "ours-bf16-preref", "ours-bf16-preref-compile", "ours-fp32-simpo",
              "ours-fp32-orpo", "ours-bf16-simpo", "trl-bf16", "trl-bf16-preref",
              "trl-default-preref"]  # run at --extra-at experts only
+
+
+def reference_free(s: dict) -> bool:
+    """A setting whose objective reads no reference (dpo.loss_type simpo, orpo): no reference forward runs."""
+    from llama4dpo.losses import REFERENCE_FREE
+    return any(o == f"dpo.loss_type={t}" for o in s.get("overrides", ()) for t in REFERENCE_FREE)
 
 
 def parse_args():
@@ -210,7 +216,8 @@ def render(res: dict) -> str:
             lines.append(f"| {E} | {describe(r['setting'])} | failed: {r['error'][:200]} |")
             continue
         s = SETTINGS[r["setting"]]
-        flops = (6 + (0 if s["preref"] else 2)) * res["models"][E]["flop_params"] * r["computed_tokens"] / r["step_s"]
+        ref_forward = not s["preref"] and not reference_free(s)
+        flops = (6 + (2 if ref_forward else 0)) * res["models"][E]["flop_params"] * r["computed_tokens"] / r["step_s"]
         base = next((b for b in ok if b["experts"] == E and b["setting"] == base_name), None)
         vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{r['cuda_peak_mb']:,.0f}" if cuda else f"{r['rss_peak_mb']:,.0f} | {r['rss_train_mb']:,.0f}"
@@ -231,7 +238,8 @@ def render(res: dict) -> str:
               ("torch.cuda.max_memory_allocated per process." if cuda else
                "peak RSS (getrusage) of the setting's own process; train RSS = peak minus the RSS after importing "
                "torch.") +
-              " Model FLOPs: (6 + 2 for the reference forward) x N x tokens run through the model, N = active "
+              " Model FLOPs: (6, + 2 where a reference forward runs: not precomputed, not a reference-free loss) x N x "
+              "tokens run through the model, N = active "
               "parameters without the input embedding; the same useful FLOPs per token are credited to both sides "
               "(not the dense all-experts work transformers does). With prefix sharing (our default, "
               "dpo.share_prompt) a pair is one row [prompt | chosen | rejected], so fewer tokens run through the "

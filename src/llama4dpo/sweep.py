@@ -103,7 +103,7 @@ def _sweep(init, out: Path, data: str, config, overrides: list[str], points: int
     shared = None
     say = print if main_process else (lambda *a, **k: None)
     say(f"sweep: {len(combos)} runs ({' x '.join(f'{k} {v}' for k, v in axes)}) of {steps} steps from {init}, "
-          f"{len(done)} done already; each evaluated at {min(points, steps)} points", flush=True)
+        f"{len(done)} done already; each evaluated at {min(points, steps)} points", flush=True)
     for i, combo in enumerate(combos):
         name = run_name(combo)
         run_dir = out / "runs" / name
@@ -119,7 +119,8 @@ def _sweep(init, out: Path, data: str, config, overrides: list[str], points: int
         if not main_process:  # (under torchrun every process trains; the first one evaluates and writes)
             group.barrier()
             continue
-        new = _evaluate(run_dir, dict(combo), name, reference, tokenizer, prompts, heldout.score, samples, quick)
+        labels = {"loss_type": cfg.dpo.loss_type, "beta": cfg.dpo.beta, **dict(combo)}  # (fixed ones too)
+        new = _evaluate(run_dir, labels, name, reference, tokenizer, prompts, heldout.score, samples, quick)
         with results.open("a", encoding="utf-8") as f:  # a run counts as done once its rows are written
             f.write("".join(json.dumps(r) + "\n" for r in new))
         rows += new
@@ -150,7 +151,8 @@ def _evaluate(run_dir: Path, combo: dict, name: str, reference, tokenizer, promp
     for ckpt in checkpoint_dirs(run_dir):
         gt = ground_truth_metrics(load_model(ckpt), reference, tokenizer, prompts, score,
                                   max_new_tokens=8 if quick else 48, samples=samples, show=0)
-        rows.append({"run": name, **{k.split(".")[-1]: _number(v) for k, v in combo.items()},
+        rows.append({"run": name, **{k.split(".")[-1]: _number(v) if isinstance(v, str) else v
+                                     for k, v in combo.items()},
                      "step": int(ckpt.name.split("-")[1]), "reward": gt["reward_policy"],
                      "reward_reference": gt["reward_reference"], "win_rate": gt["win_rate"], "kl": gt["kl"],
                      "prompts": gt["prompts"], "samples": samples})
