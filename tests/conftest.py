@@ -51,3 +51,17 @@ def tiny_model(tiny_config):
         return LlamaModel(cfg.model).init_weights(seed=0).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny Llama 4 pretrained for 20 steps on builtin:assistant (120 records) through the CLI: the --init of
+    end-to-end tests of objectives, KTO and sweeps (read it only; copy it to change it)."""
+    from pathlib import Path
+
+    from llama4dpo.cli import main
+    root = tmp_path_factory.mktemp("tiny_base")
+    tiny = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
+    assert main(["pretrain", "--config", tiny, "--quiet", "--data", "builtin:assistant", "data.builtin_size=120",
+                 "--out", str(root / "pre"), "train.max_steps=20"]) == 0
+    return root / "pre"

@@ -37,12 +37,9 @@ def feedback(path: Path, n: int = 60, bad: bool = True) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kto")
-    assert main(["pretrain", "--config", TINY, "--quiet", "--data", "builtin:assistant", "data.builtin_size=120",
-                 "--out", str(root / "pre"), "train.max_steps=10"]) == 0
-    return root / "pre"
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 def test_unpaired_records_bad_rows_and_mismatched_kl_completions(tmp_path):

@@ -28,11 +28,9 @@ AT_START = {
 }
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objectives")
-    assert main(["pretrain", *COMMON, "--out", str(root / "pre"), "train.max_steps=20"]) == 0
-    return root / "pre"
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 @pytest.mark.parametrize("loss_type", sorted(AT_START))

@@ -17,12 +17,9 @@ TINY = str(Path(__file__).parent.parent / "configs" / "tiny.toml")
 GRID = ["dpo.loss_type=[sigmoid,ipo]", "dpo.beta=[0.1,0.5]"]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    assert main(["pretrain", "--config", TINY, "--quiet", "--data", "builtin:assistant", "data.builtin_size=120",
-                 "--out", str(root / "pre"), "train.max_steps=10"]) == 0
-    return root / "pre"
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 def rows_of(out: Path) -> list[dict]:

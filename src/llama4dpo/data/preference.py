@@ -65,17 +65,7 @@ def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
     raw = raw if raw is not None else read_records(source, split=cfg.split, max_samples=cfg.max_samples)
     fmt = detect_format(raw, cfg.format)
     report = DataReport(source, fmt, unit=raw.unit, strict=strict, records=len(raw.rows))
-    cols: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "loc": []}
-    for loc, rec in raw.rows:
-        try:
-            if isinstance(rec, Skip):
-                raise rec
-            prompt, chosen, rejected = extract_pair(rec, fmt, tokenizer)
-        except Skip as s:
-            report.skip(s.reason, loc, s.detail)
-            continue
-        for key, value in zip(cols, (prompt, chosen, rejected, loc)):
-            cols[key].append(value)
+    cols = extract_records(raw, report, lambda rec: extract_pair(rec, fmt, tokenizer), ("prompt", "chosen", "rejected"))
     n = len(cols["prompt"])
     if split:
         n_eval = cfg.eval_samples if cfg.eval_samples is not None else round(cfg.eval_fraction * n)
@@ -83,6 +73,23 @@ def read_pairs(source: str, cfg: DataConfig, *, strict: bool | None = None,
     else:
         cols["is_eval"] = [True] * n
     return cols, report
+
+
+def extract_records(raw: RawRecords, report: DataReport, extract: Callable, keys: tuple[str, ...]) -> dict:
+    """Columns `keys` + loc of every record `extract` accepts; a record it refuses (`Skip`) is counted in the
+    report (strict mode: raised as a one-line error)."""
+    cols: dict[str, list] = {key: [] for key in (*keys, "loc")}
+    for loc, rec in raw.rows:
+        try:
+            if isinstance(rec, Skip):
+                raise rec
+            values = extract(rec)
+        except Skip as s:
+            report.skip(s.reason, loc, s.detail)
+            continue
+        for key, value in zip(cols, (*values, loc)):
+            cols[key].append(value)
+    return cols
 
 
 def _builtin_pairs(source: str, name: str, cfg: DataConfig, strict: bool, sft: bool,

@@ -17,8 +17,8 @@ from __future__ import annotations
 from ..config import DataConfig
 from ..errors import UserError
 from .formats import detect_unpaired_format, extract_completion
-from .preference import PreferenceData, check_context, read_pairs, split_by_prompt, tokenized
-from .report import DataReport, Skip
+from .preference import PreferenceData, check_context, extract_records, read_pairs, split_by_prompt, tokenized
+from .report import DataReport
 from .sources import builtin_name, read_records
 
 
@@ -41,17 +41,8 @@ def _read_unpaired(source: str, cfg: DataConfig, strict: bool | None, tokenizer)
     raw = read_records(source, split=cfg.split, max_samples=cfg.max_samples)
     fmt = detect_unpaired_format(raw, cfg.format)
     report = DataReport(source, f"unpaired {fmt}", unit=raw.unit, strict=strict, records=len(raw.rows))
-    cols: dict[str, list] = {"prompt": [], "chosen": [], "label": [], "loc": []}
-    for loc, rec in raw.rows:
-        try:
-            if isinstance(rec, Skip):
-                raise rec
-            prompt, completion, label = extract_completion(rec, fmt, tokenizer)
-        except Skip as s:
-            report.skip(s.reason, loc, s.detail)
-            continue
-        for key, value in zip(cols, (prompt, completion, label, loc)):
-            cols[key].append(value)
+    cols = extract_records(raw, report, lambda rec: extract_completion(rec, fmt, tokenizer),
+                           ("prompt", "chosen", "label"))  # ("chosen": the completion; see the module docstring)
     n_eval = cfg.eval_samples if cfg.eval_samples is not None else round(cfg.eval_fraction * len(cols["prompt"]))
     cols["is_eval"] = split_by_prompt(cols["prompt"], n_eval, cfg.seed)
     return cols, report
