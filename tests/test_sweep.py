@@ -104,3 +104,14 @@ def test_a_sweep_runs_under_torchrun(base, tmp_path):
     assert {r["run"] for r in rows} == {"beta=0.1", "beta=0.5"}
     assert len(rows) == len({(r["run"], r["step"]) for r in rows})  # each point written once
     assert done.stdout.count("| run | step | reward |") == 1
+
+
+def test_a_run_whose_rows_were_cut_is_redone_and_written_once(base, tmp_path):
+    args = ["sweep", "--init", str(base), "--out", str(tmp_path / "sweep"), "--quick", "--quiet", "dpo.beta=[0.1,0.5]"]
+    assert main(args) == 0
+    rows = rows_of(tmp_path / "sweep")
+    cut = [r for r in rows if r["run"] == "beta=0.1"][:-1] + [r for r in rows if r["run"] == "beta=0.5"]
+    (tmp_path / "sweep" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cut))
+    assert main(args) == 0
+    again = rows_of(tmp_path / "sweep")
+    assert sorted((r["run"], r["step"]) for r in again) == sorted((r["run"], r["step"]) for r in rows)

@@ -31,6 +31,7 @@ from .data import load_preference_data
 from .errors import UserError
 from .evaluate import ground_truth_metrics
 from .faults import fault_point
+from .metrics import read_metrics
 from .plot import plot_frontier
 from .train.distributed import Dist
 from .train.recipes import run
@@ -89,14 +90,23 @@ def _sweep(init, out: Path, data: str, config, overrides: list[str], points: int
         raise UserError("sweep: kto trains on unpaired data; sweep the pairwise objectives")
     combos = list(itertools.product(*[[(key, v) for v in values] for key, values in axes]))
     base = [*RECIPE, *fixed, *(QUICK if quick else []), "dpo.precompute_ref=true"]
-    steps = _config(init, config, base).train.max_steps
+    base_cfg = _config(init, config, base)
+    steps = base_cfg.train.max_steps
     every = max(1, steps // points)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    rows = _read_rows(results)
-    done = {r["run"] for r in rows}
+    rows = read_metrics(results)
+    counts = {}
+    for r in rows:
+        counts[r["run"]] = counts.get(r["run"], 0) + 1
+    done = {r["run"] for r in rows if counts[r["run"]] == r["points"]}  # (a run cut by a kill mid-write is redone)
+    if len(done) < len(counts) and main_process:  # its partial rows go, so that the file holds each run once
+        rows = [r for r in rows if r["run"] in done]
+        results.with_suffix(".tmp").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(results.with_suffix(".tmp"), results)
+    rows = [r for r in rows if r["run"] in done]
     reference, tokenizer = load_model(init), load_tokenizer(init)
-    heldout = load_preference_data(data, _config(init, config, base).data, tokenizer)  # (before anything trains)
+    heldout = load_preference_data(data, base_cfg.data, tokenizer)  # (before anything trains)
     if heldout.score is None:
         raise UserError(f"sweep: {data} has no program-computed reward to draw the frontier with (use builtin:NAME)")
     prompts = heldout.eval_prompts[:8] if quick else heldout.eval_prompts
@@ -147,15 +157,15 @@ def _cache_dir(run_dir: Path) -> Path | None:
 def _evaluate(run_dir: Path, combo: dict, name: str, reference, tokenizer, prompts: list[str], score, samples: int,
               quick: bool) -> list[dict]:
     """Each kept checkpoint of the run scored on the held-out prompts (the same samples' seed at every point)."""
-    rows = []
-    for ckpt in checkpoint_dirs(run_dir):
+    rows, checkpoints = [], checkpoint_dirs(run_dir)
+    for ckpt in checkpoints:
         gt = ground_truth_metrics(load_model(ckpt), reference, tokenizer, prompts, score,
                                   max_new_tokens=8 if quick else 48, samples=samples, show=0)
         rows.append({"run": name, **{k.split(".")[-1]: _number(v) if isinstance(v, str) else v
                                      for k, v in combo.items()},
                      "step": int(ckpt.name.split("-")[1]), "reward": gt["reward_policy"],
                      "reward_reference": gt["reward_reference"], "win_rate": gt["win_rate"], "kl": gt["kl"],
-                     "prompts": gt["prompts"], "samples": samples})
+                     "prompts": gt["prompts"], "samples": samples, "points": len(checkpoints)})
     return rows
 
 
@@ -164,19 +174,6 @@ def _number(value: str):
         return float(value)
     except ValueError:
         return value
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # (a line cut by a kill mid-write: that run is redone)
-            continue
-    whole = {r["run"] for r in rows if isinstance(r, dict) and "run" in r}
-    return [r for r in rows if isinstance(r, dict) and r.get("run") in whole]
 
 
 def table(rows: list[dict]) -> str:
