@@ -105,9 +105,9 @@ def worker(spec: dict) -> dict:
                rss_base_mb=rss0 / 2**20, rss_peak_mb=harness.peak_rss_bytes() / 2**20)
     out["rss_train_mb"] = out["rss_peak_mb"] - out["rss_base_mb"]
     # tokens actually run through the model: with prefix sharing our rows hold each prompt once
-    prompt = spec["seq"] // 2
-    out["computed_tokens"] = spec["pairs"] * (2 * spec["seq"] - prompt) if st["side"] == "ours" and \
-        st.get("share", True) else tokens
+    P, C, R = workload.lengths(spec["seq"], spec.get("shape"))
+    out["computed_tokens"] = spec["pairs"] * (P + C + R) if st["side"] == "ours" and st.get("share", True) \
+        else tokens
     if spec["device"].startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if losses:
@@ -125,10 +125,10 @@ def dpo_ours(spec, s):
     # same batch in all of them, so their losses can be set side by side
     vocab = json.loads((Path(spec["ckpt"]) / "config.json").read_text())["model"]["vocab_size"]
     examples = workload.make_examples(spec["pairs"] * (UNTIMED_COMPILE_STEPS + n_steps), spec["seq"], vocab,
-                                      spec["seed"])
+                                      spec["seed"], spec.get("shape"))
     data = workload.write_pairs(examples, work / "pairs.jsonl")
     cfg = workload.load_config(spec["preset"], workload.dpo_overrides(spec["pairs"], spec["seq"], total,
-                                                                      spec["device"], spec["seed"])
+                                                                      spec["device"], spec["seed"], spec.get("shape"))
                                + ours_overrides(spec["setting"]))
     clock, losses = None, []
 
@@ -147,7 +147,8 @@ def dpo_ours(spec, s):
     # untimed compile steps (compiling, recompiling; CUDA graphs recorded) first, then the timed ones. The same
     # token count on every side: prompt+chosen and prompt+rejected rows (equal-length rows, no padding),
     # whether or not our rows hold the prompt once (prefix sharing)
-    return clock.times[untimed:], clock.others[untimed:], 2 * spec["pairs"] * spec["seq"], losses
+    return clock.times[untimed:], clock.others[untimed:], workload.step_tokens(spec["pairs"], spec["seq"],
+                                                                               spec.get("shape")), losses
 
 
 def dpo_trl(spec, s):
@@ -159,7 +160,8 @@ def dpo_trl(spec, s):
 
     n_steps = spec["warmup"] + spec["steps"]
     vocab = json.loads((Path(spec["hf_dir"]) / "config.json").read_text())["vocab_size"]
-    examples = workload.make_examples(spec["pairs"] * n_steps, spec["seq"], vocab, spec["seed"])
+    examples = workload.make_examples(spec["pairs"] * n_steps, spec["seq"], vocab, spec["seed"], spec.get("shape"))
+    P, C, R = workload.lengths(spec["seq"], spec.get("shape"))
     # TRL tokenizes text and appends eos to the responses itself (and adds no bos: the text holds it)
     texts = [workload.pair_texts(e, bos_in_text=True) for e in examples]
     ds = Dataset.from_dict({k: [t[k] for t in texts] for k in ("prompt", "chosen", "rejected")})
@@ -174,7 +176,7 @@ def dpo_trl(spec, s):
         output_dir=str(Path(spec["workdir"]) / "trl-run"), per_device_train_batch_size=spec["pairs"],
         gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0,
         bf16=s["precision"] == "bf16", gradient_checkpointing=s["gc"], precompute_ref_log_probs=s["preref"],
-        router_aux_loss_coef=0.0, beta=0.1, loss_type="sigmoid", max_length=spec["seq"] + 8,
+        router_aux_loss_coef=0.0, beta=0.1, loss_type="sigmoid", max_length=P + max(C, R) + 8,
         logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not spec["device"].startswith("cuda"), dataloader_num_workers=0, seed=spec["seed"])
     clock = harness.StepClock(spec["device"])
@@ -193,7 +195,7 @@ def dpo_trl(spec, s):
     got = (tuple(first["prompt_ids"]), tuple(first["chosen_ids"]), tuple(first["rejected_ids"]))
     assert got in want, "TRL tokenized the data differently from our token ids"
     trainer.train()
-    return clock.times, clock.others, 2 * spec["pairs"] * spec["seq"]  # equal-length rows: no padding
+    return clock.times, clock.others, workload.step_tokens(spec["pairs"], spec["seq"], spec.get("shape"))
 
 
 def dpo_hf(spec, s):
@@ -205,7 +207,7 @@ def dpo_hf(spec, s):
     device = spec["device"]
     n_steps = spec["warmup"] + spec["steps"]
     vocab = json.loads((Path(spec["hf_dir"]) / "config.json").read_text())["vocab_size"]
-    examples = workload.make_examples(spec["pairs"] * n_steps, spec["seq"], vocab, spec["seed"])
+    examples = workload.make_examples(spec["pairs"] * n_steps, spec["seq"], vocab, spec["seed"], spec.get("shape"))
     model = workload.load_hf(spec["hf_dir"], device).train()
     ref = workload.load_hf(spec["hf_dir"], device).eval().requires_grad_(False)
     if s["gc"]:

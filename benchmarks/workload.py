@@ -7,7 +7,7 @@ Presets come from config files, never restated here: "100m" and "tiny" are the p
 per step, tokens per sequence and the expert counts measured.
 
 Data: random token ids, each sequence exactly `seq` tokens (bos + prompt of seq/2, response of seq/2 ending in
-eos, no padding). Token i is written as the character chr(0x20000 + i) (CJK Extension B: one code point each,
+eos, no padding), or pairs of a given (prompt, chosen, rejected) length (`lengths`). Token i is written as the character chr(0x20000 + i) (CJK Extension B: one code point each,
 unchanged by NFKC), so our character tokenizer and the transformers tokenizer given to TRL both read the text
 back as exactly the ids it spells.
 """
@@ -91,15 +91,28 @@ def load_hf(hf_dir, device):
 
 
 # ---- data --------------------------------------------------------------------------------------------------
-def make_examples(n_pairs: int, seq: int, vocab: int, seed: int) -> list[dict]:
-    """Random pairs; every sequence is exactly `seq` tokens: bos + prompt (seq/2), response (seq/2) ending in eos."""
+def lengths(seq: int, shape: list | tuple | None = None) -> tuple[int, int, int]:
+    """(prompt incl. bos, chosen incl. eos, rejected incl. eos) token counts of every pair: `shape` when given
+    (e.g. [150, 110, 90]: HH-like pairs), else a prompt of seq/2 and responses of seq/2."""
+    return tuple(shape) if shape else (seq // 2, seq - seq // 2, seq - seq // 2)
+
+
+def step_tokens(pairs: int, seq: int, shape=None) -> int:
+    """Tokens of a step's prompt+chosen and prompt+rejected rows (no padding): the count every side's tokens/s
+    uses."""
+    p, c, r = lengths(seq, shape)
+    return pairs * (2 * p + c + r)
+
+
+def make_examples(n_pairs: int, seq: int, vocab: int, seed: int, shape=None) -> list[dict]:
+    """Random pairs of fixed lengths (see `lengths`): bos + prompt, responses ending in eos."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    p_len, r_len = seq // 2, seq - seq // 2
+    p_len, c_len, r_len = lengths(seq, shape)
 
     def draw(n):
         return torch.randint(FIRST_ID, vocab, (n,), generator=g).tolist()
-    return [{"prompt_ids": [BOS] + draw(p_len - 1), "chosen_ids": draw(r_len - 1) + [EOS],
+    return [{"prompt_ids": [BOS] + draw(p_len - 1), "chosen_ids": draw(c_len - 1) + [EOS],
              "rejected_ids": draw(r_len - 1) + [EOS]} for _ in range(n_pairs)]
 
 
@@ -156,16 +169,17 @@ class StopRun(Exception):
     """Raised by a step hook once the benchmark has what it measures: the run ends there, writing nothing more."""
 
 
-def dpo_overrides(pairs: int, seq: int, steps: int, device: str, seed: int) -> list[str]:
+def dpo_overrides(pairs: int, seq: int, steps: int, device: str, seed: int, shape=None) -> list[str]:
     """The `key=value` overrides of the benchmark's `llama4dpo dpo` run: one micro-batch of `pairs` per step, a
     flat learning rate of 1e-6, no weight decay, no held-out split, no log row / evaluation / checkpoint before
     the last step (the step hook ends the run there)."""
     later = steps + 1
+    p, c, r = lengths(seq, shape)
     return [f"train.batch_size={pairs}", "train.grad_accum_steps=1", "train.lr=1e-6", "train.warmup_steps=0",
             f"train.max_steps={steps}", "train.weight_decay=0.0", "train.grad_clip=1.0", f"train.seed={seed}",
             f"train.device={device}", f"train.log_every={later}", f"train.eval_every={later}",
             f"train.save_every={later}", "data.format=explicit", "data.eval_fraction=0.0",
-            f"data.max_length={seq}", f"data.max_prompt_length={seq // 2}", "dpo.beta=0.1"]
+            f"data.max_length={p + max(c, r)}", f"data.max_prompt_length={p}", "dpo.beta=0.1"]
 
 
 def run_dpo_recipe(cfg, data: Path, out: Path, init: Path, on_step) -> None:
