@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")       # tests never touch the netwo
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# train.threads=auto keeps a count the environment sets: the suite's runs, in this process and in the CLI processes
+# it starts, compute with a fixed count (tests/test_threads.py takes it away to test auto)
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

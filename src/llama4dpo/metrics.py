@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-TIMING_KEYS = {"tokens_per_s", "elapsed_s"}  # the only fields that differ between identical runs
+TIMING_KEYS = {"tokens_per_s", "elapsed_s", "threads"}  # the only fields that differ between identical runs
 
 
 class MetricsLog:
@@ -48,6 +48,10 @@ class MetricsLog:
             shown = {k.split("/")[-1] if k.startswith("rewards/") else k: row[k]
                      for k in ("loss", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies") if k in row}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def note(self, line: str) -> None:
+        """A line printed above the progress bar."""
+        self.bar.write(line)
 
     def close(self) -> None:
         self.bar.close()

@@ -19,6 +19,13 @@ def _coerce(value, tp, key: str):
     raw = isinstance(value, _RAW)
     args = typing.get_args(tp)
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and set(args) == {int, str}:  # a count or a word ("auto")
+        if raw:
+            text = value.strip()
+            return int(text) if text.lstrip("+-").isdigit() else str(text)
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key}: expected an integer or a string, got {value!r}"[:200])
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (raw and value.lower() in ("none", "null", "")):
             return None

@@ -73,6 +73,7 @@ class TrainConfig:
     compile_mode: str = "default"    # torch.compile's mode; "reduce-overhead": the compiled graphs as CUDA graphs
     activation_memory_budget: float = 1.0  # with compile, < 1 recomputes activations in backward to save memory
     tensorboard: bool = False
+    threads: int | str = "auto"      # CPU threads: a count, or "auto" - the cores other processes leave free
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_every", "eval_batches",
@@ -86,6 +87,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.threads != "auto" and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ConfigError(f"train.threads: must be 'auto' or a count >= 1, got {self.threads!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: must be 'fp32' or 'bf16', got {self.precision!r}")
         if not 0.0 <= self.activation_memory_budget <= 1.0:

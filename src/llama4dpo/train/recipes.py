@@ -27,19 +27,25 @@ from ..model import LlamaModel
 from ..model.lora import WithoutAdapters, apply_lora, trainable_summary
 from ..objectives import LanguageModeling, precompute_reference_logps, preference_objective
 from ..resources import check_training
-from ..runtime import autocast, resolve_device
+from ..runtime import ThreadChooser, autocast, resolve_device
 from ..tokenizer import build_tokenizer, load_tokenizer as load_tokenizer_file
 from .distributed import Dist
 from .trainer import Trainer, check_compile_mode
 
 
-def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool]:
-    """Join torchrun's process group if there is one; only rank 0 prints."""
+def _setup(cfg: Config, show: bool) -> tuple[Dist, torch.device, bool, ThreadChooser]:
+    """Join torchrun's process group if there is one; set the CPU thread count (train.threads) before any work;
+    only rank 0 prints."""
     dist = Dist.from_env(cfg.distributed.strategy, cfg.train.device)
     check_compile_mode(cfg.train, dist)
     if dist.enabled and show and dist.is_main:
         print(f"{dist.world} processes, {dist.strategy}; batch_size {cfg.train.batch_size} is the global batch")
-    return dist, dist.place(resolve_device(cfg.train.device)), show and dist.is_main
+    device = dist.place(resolve_device(cfg.train.device))
+    threads = ThreadChooser(cfg.train.threads, device)
+    said = threads.start()
+    if show and dist.is_main and device.type == "cpu":
+        print(said)
+    return dist, device, show and dist.is_main, threads
 
 
 def _finish(trainer: Trainer, out: Path, cfg: Config, tokenizer, show: bool) -> Path:
@@ -94,7 +100,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
         raise UserError("lora.rank > 0 adapts a trained model (sft, dpo); pretraining trains every weight: "
                         "set lora.rank=0")
     out = Path(out)
-    dist, device, show = _setup(cfg, show)
+    dist, device, show, threads = _setup(cfg, show)
     micro, rows = batch_plan(cfg.train, dist)
     if stage == "pretrain":
         tokenizer, inputs = _new_tokenizer(cfg, data, out, overwrite, dist), {"command": stage, "data": data}
@@ -134,7 +140,7 @@ def run(stage: str, cfg: Config, data: str, out: str | Path, init: str | Path | 
             objective, eval_objective = _preference_objectives(cfg, model, own_ref, ref, train, evals, pdata, out,
                                                                device, dist, show, shared_ref)
     trainer = Trainer(cfg, model, objective, train, evals, out, tokenizer, device=device, show_progress=show,
-                      eval_objective=eval_objective, dist=dist, base=base)
+                      eval_objective=eval_objective, dist=dist, base=base, threads=threads)
     if resume_from is not None:
         trainer.resume(resume_from)
     trainer.fit()

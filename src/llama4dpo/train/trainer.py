@@ -20,7 +20,7 @@ import torch._functorch.config
 from ..config import CUDA_GRAPH_MODES, Config, TrainConfig
 from ..errors import UserError
 from ..faults import fault_point
-from ..runtime import autocast
+from ..runtime import ThreadChooser, autocast
 from .distributed import Dist, grad_norm_value
 from ..metrics import MetricsLog, truncate_metrics
 from ..objectives import read_values, sequence_tokens
@@ -82,7 +82,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, model, objective, train_batches, eval_batches: list[dict] | None,
                  run_dir: Path, tokenizer=None, *, device: torch.device, show_progress: bool = True,
-                 eval_objective=None, dist: Dist | None = None, base: dict | None = None):
+                 eval_objective=None, dist: Dist | None = None, base: dict | None = None,
+                 threads: ThreadChooser | None = None):
         self.cfg, self.t = cfg, cfg.train
         self.base = base  # LoRA: base.json of the checkpoint the adapters train on (checkpoints hold the adapters)
         self.dist = dist or Dist()
@@ -106,6 +107,10 @@ class Trainer:
         self.run_dir, self.device = Path(run_dir), device
         self.show_progress = show_progress and self.dist.is_main
         self.optimizer = make_optimizer(model, self.t, device)
+        if threads is None:  # (the recipes start theirs before any work: loading, reference log-probs)
+            threads = ThreadChooser(self.t.threads, device)
+            threads.start()
+        self.threads = threads
         self.step = 0
         self.window: dict[str, float] = {}  # metric sums since the last train row
         self._weights: torch.Tensor | None = None  # weights_sum after the last update, read when next convenient
@@ -255,6 +260,7 @@ class Trainer:
                 log.write({"step": 0, **self.evaluate()})
             while self.step < t.max_steps:
                 try:
+                    self.threads.begin()
                     out = self.train_step()
                 except torch.OutOfMemoryError:
                     raise UserError(
@@ -262,6 +268,9 @@ class Trainer:
                         f"train.grad_accum_steps), data.max_length / data.block_size, or use train.precision=bf16; "
                         f"last good checkpoint: {self.latest_checkpoint()}") from None
                 fault_point("step", self.step)
+                self.threads.end(out["tokens"])
+                if (note := self.threads.take_note()) and self.show_progress:
+                    log.note(note)
                 window_tokens += out.pop("tokens")
                 for k, v in out.items():
                     if isinstance(v, list):
@@ -295,4 +304,6 @@ class Trainer:
             else:
                 row[k] = v / units
         row["tokens_per_s"] = round(tokens_per_s, 1)
+        if self.device.type == "cpu":
+            row["threads"] = self.threads.threads
         return row
