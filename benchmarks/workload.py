@@ -184,8 +184,14 @@ def dpo_overrides(pairs: int, seq: int, steps: int, device: str, seed: int, shap
 
 def run_dpo_recipe(cfg, data: Path, out: Path, init: Path, on_step) -> None:
     """`llama4dpo dpo --data DATA --init INIT --out OUT` with `cfg` (what the CLI builds from --config and its
-    overrides): the CLI's own recipe, `llama4dpo.train.recipes.run("dpo", ...)`. `on_step(trainer, step)` wraps each optimizer step of its training loop: `step()` runs the step
-    and returns its metrics; the hook may raise StopRun to end the run."""
+    overrides), see `run_recipe`."""
+    run_recipe("dpo", cfg, data, out, init, on_step)
+
+
+def run_recipe(stage: str, cfg, data, out: Path, init, on_step) -> None:
+    """`llama4dpo STAGE` with `cfg`: the CLI's own recipe, `llama4dpo.train.recipes.run(stage, ...)`. `on_step(trainer,
+    step)` wraps each optimizer step of its training loop: `step()` runs the step and returns its metrics; the hook
+    may raise StopRun to end the run."""
     from llama4dpo.train import recipes
 
     trainer_cls = recipes.Trainer  # the class the recipe builds its trainer from
@@ -195,7 +201,7 @@ def run_dpo_recipe(cfg, data: Path, out: Path, init: Path, on_step) -> None:
         return on_step(self, lambda: original(self))
     trainer_cls.train_step = train_step
     try:
-        recipes.run("dpo", cfg, str(data), out, init, show=False)
+        recipes.run(stage, cfg, str(data), out, init, show=False)
     except StopRun:
         pass
     finally:
