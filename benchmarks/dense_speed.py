@@ -29,6 +29,7 @@ import datetime
 import os
 import sys
 import time
+from pathlib import Path
 
 import harness
 import workload
@@ -128,10 +129,24 @@ def run_dpo(args, work, ckpt, hf_dir, can, res) -> None:
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
+def read_bandwidth(quick: bool) -> float:
+    """Bytes per second a sum over a 1 GiB fp32 tensor reads (median of 5): the memory floor of decoding."""
+    import statistics
+    import torch
+    x = torch.ones((1 << 26) if quick else (1 << 28))
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[1:])
+
+
 def run_gen(args, ckpt, hf_dir, cfg, can, res) -> None:
     from generation import generation
     prompt, new = (8, 8) if args.quick else (150, 128)
     res["gen_prompt"], res["gen_new"] = prompt, new
+    res["read_bytes_per_s"] = read_bandwidth(args.quick)
     for w in args.weights.split(","):
         for B in [int(b) for b in args.batches.split(",")]:
             r = generation(ckpt, hf_dir, "cpu", "fp32", B, prompt, new, cfg.vocab_size, args.repeat, can["hf"], w,
@@ -163,6 +178,8 @@ def main():
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--json", default=None, help="also write all results as JSON here")
     p.add_argument("--md", default=None, help="also write the markdown report here")
+    p.add_argument("--keep", default=None, help="a --json file of an earlier run: the parts not run now are taken "
+                   "from it (e.g. --parts gen --keep dpo.json), so the section shows both")
     args = p.parse_args()
     args.device, args.preset = "cpu", "-"
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -193,6 +210,14 @@ def main():
     if "dpo" in parts:
         run_dpo(args, work, ckpt, hf_dir, can, res)
     res["load_end"], res["wall_s"] = os.getloadavg()[0], time.perf_counter() - t0
+    if args.keep:
+        import json
+        old = json.loads(Path(args.keep).read_text())
+        res["kept"] = {}
+        for part, keys in (("dpo", ("dpo", "shape")), ("gen", ("gen", "gen_prompt", "gen_new"))):
+            if part not in parts and old.get(part if part == "dpo" else "gen"):
+                res.update({k: old[k] for k in keys if k in old})
+                res["kept"][part] = f"{old['date']}, whole run {old['wall_s']:.0f} s, `{old['cmd']}`"
     harness.finish(args, res, render(res))
 
 
@@ -211,10 +236,11 @@ def render(res: dict) -> str:
     if res["peak"]:
         lines += ["", "Measured matmul peak (same run): " + ", ".join(harness.flops_str(k, x)
                                                                         for k, x in res["peak"].items()) + "."]
+    kept = res.get("kept", {})
     if res["dpo"]:
-        lines += dpo_section(res)
+        lines += dpo_section(res) + (["", f"(This part from an earlier run: {kept['dpo']}.)"] if "dpo" in kept else [])
     if res["gen"]:
-        lines += gen_section(res)
+        lines += gen_section(res) + (["", f"(This part from an earlier run: {kept['gen']}.)"] if "gen" in kept else [])
     lines += ["", harness.shared_machine_note(res)]
     return "\n".join(lines)
 
@@ -308,6 +334,15 @@ def gen_section(res: dict) -> list[str]:
     errors = sorted({f"{k}: {v}" for r in res["gen"] for k, v in r.items() if k.endswith("_error")})
     if errors:
         lines.append("- not measured: " + "; ".join(errors))
+    if res.get("read_bytes_per_s"):
+        bw = res["read_bytes_per_s"]
+        lines.append(f"- the memory floor: a decoding step reads every weight once (the head too: it is tied to the "
+                     f"embedding); at the {bw / 1e9:.1f} GB/s a sum over 1 GiB reads here (same run), that is "
+                     + ", ".join(f"{(body + head) * nbytes / bw * 1e3:.1f} ms a step in {name}" for name, nbytes in
+                                 (("fp32", 4), ("bf16", 2)))
+                     + " - at batch 1 at most " + ", ".join(
+                         f"{bw / ((body + head) * nbytes):.0f} tokens/s in {name}" for name, nbytes in
+                         (("fp32", 4), ("bf16", 2))) + " before the prompt's prefill, whatever the kernels")
     lines += ["", "MFU: 2 x N x (prompt + new tokens) / time, N = every parameter but the input embedding (the head "
               "runs at every position while decoding). bf16 weights: both models held in bf16, no autocast."]
     return lines

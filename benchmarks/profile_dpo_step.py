@@ -7,6 +7,9 @@ frozen reference unless --preref): the CLI's recipe, the profiler around its tra
     python benchmarks/profile_dpo_step.py --precision bf16 --experts 8 --shapes      # group ops by input shape
     python benchmarks/profile_dpo_step.py --precision fp32 --trace /tmp/step.json   # chrome://tracing file
     python benchmarks/profile_dpo_step.py --preset tiny --experts 4 --warmup 1 --steps 1 --rows 5   # quick
+    python benchmarks/profile_dpo_step.py --ckpt WORK/dense-ours --shape 150,110,90 --regions     # SmolLM2 (*)
+
+(*) the checkpoint benchmarks/dense_speed.py builds (--workdir WORK keeps it), with its HH-like pair lengths.
 
 Prints the top ops by self CPU (or CUDA) time; --regions instead: wall time per part of the step (no profiler).
 Prints only (no table in BENCHMARKS.md).
@@ -44,26 +47,43 @@ def main():
                    help="instead of the op table: wall time per region of the step (no profiler), median of --steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--ckpt", default=None, help="profile this checkpoint (e.g. dense_speed.py's) instead of a preset's")
+    p.add_argument("--shape", default=None, help="prompt,chosen,rejected token counts of every pair (e.g. 150,110,90)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs a step (default: the preset's)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
         args.warmup += 6  # torch.compile compiles, and recompiles for new shapes, in the first steps
 
-    P = workload.PRESETS[args.preset]
+    P = workload.PRESETS.get(args.preset, workload.PRESETS["15m"])
     work = Path(tempfile.mkdtemp(prefix="profile_dpo_"))
     atexit.register(shutil.rmtree, work, True)  # ~120 MB of checkpoints a run
-    ckpt, _, info = workload.build_checkpoints(args.preset, args.experts, work)
+    if args.ckpt:
+        from llama4dpo.checkpoint import load_config
+        ckpt, args.preset = Path(args.ckpt), "checkpoint"
+        workload.PRESETS["checkpoint"] = dict(config=None, pairs=8, seq=128)  # (the model is the checkpoint's)
+        mc = load_config(ckpt).model
+        info = dict(vocab=mc.vocab_size, total_params=sum(p.numel() for p in load_model_params(ckpt)))
+    else:
+        ckpt, _, info = workload.build_checkpoints(args.preset, args.experts, work)
     n = args.warmup + args.steps
-    examples = workload.make_examples(P["pairs"] * n, P["seq"], info["vocab"], 0)
+    shape = [int(x) for x in args.shape.split(",")] if args.shape else None
+    pairs = args.pairs or P["pairs"]
+    examples = workload.make_examples(pairs * n, P["seq"], info["vocab"], 0, shape)
     data = workload.write_pairs(examples, work / "pairs.jsonl")
-    cfg = workload.load_config(args.preset, workload.dpo_overrides(P["pairs"], P["seq"], n, args.device, 0) + [
+    cfg = workload.load_config(args.preset, workload.dpo_overrides(pairs, P["seq"], n, args.device, 0, shape) + [
         f"train.precision={args.precision}", f"dpo.precompute_ref={str(args.preref).lower()}",
         f"train.compile={str(args.compile).lower()}", f"train.compile_mode={args.compile_mode}"])
-    label = (f"{args.preset} E={args.experts} {args.precision}{' preref' if args.preref else ''}"
+    label = (f"{args.ckpt or args.preset} E={args.experts} {args.precision}{' preref' if args.preref else ''}"
              f"{' compile ' + args.compile_mode if args.compile else ''}")
     hook = Regions(args, label) if args.regions else Profiled(args, label, info, torch.device(args.device))
     workload.run_dpo_recipe(cfg, data, work / "run", ckpt, hook)
+
+
+def load_model_params(ckpt):
+    from llama4dpo import load_model
+    return list(load_model(ckpt).parameters())
 
 
 class Profiled:
