@@ -71,3 +71,22 @@ def test_lora_speed_quick_mode_compares_lora_with_full_dpo_and_trl_peft():
     if importlib.util.find_spec("peft") and importlib.util.find_spec("trl"):
         assert any(line.startswith("| tiny-dense | TRL + PEFT LoRA (fp32) |") for line in rows)
         assert "tiny-dense: llama4dpo LoRA vs TRL + PEFT LoRA, each at its fastest" in r.stdout
+
+
+@pytest.mark.slow
+def test_dense_benchmark_smoke_mode_measures_both_sides(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dense_speed.py"), "--quick", "--skip-peak",
+                        "--settings", "ours-fp32,trl-fp32", "--batches", "1", "--weights", "fp32",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "### DPO training step" in r.stdout and "### Greedy generation" in r.stdout
+    assert "| llama4dpo Trainer (fp32) |" in r.stdout and "| TRL DPOTrainer (fp32) |" in r.stdout
+    assert "- both fp32: tokens/s **" in r.stdout and "- batch 1, each at its fastest" in r.stdout
+
+
+@pytest.mark.slow
+def test_threads_benchmark_smoke_mode_compares_auto_with_fixed_counts():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "threads_load.py"), "--quick",
+                        "--workloads", "demo-pretrain"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "one busy process beside it: auto **" in r.stdout and "quiet: auto **" in r.stdout
