@@ -137,14 +137,26 @@ def main():
 
 
 def summarize(counts: list[int]) -> str:
-    """'2' or '2 x3, 1 x37': the thread count of each step, run-length encoded."""
+    """'2 x40' or '2 x3, 1 x37': the thread count of each step, run-length encoded."""
     out = []
     for c in counts:
         if out and out[-1][0] == c:
             out[-1][1] += 1
         else:
             out.append([c, 1])
-    return str(out[0][0]) if len(out) == 1 else ", ".join(f"{c} x{n}" for c, n in out)
+    return ", ".join(f"{c} x{n}" for c, n in out)
+
+
+def steps_at(summaries: list[str], count: int) -> tuple[int, int]:
+    """(steps run with `count` threads, all steps) from `summarize`'s strings."""
+    same = total = 0
+    for text in summaries:
+        for part in text.split(", "):
+            c, _, n = part.partition(" x")
+            k = int(n) if n else None
+            total += k or 0
+            same += (k or 0) if int(c) == count else 0
+    return same, total
 
 
 def render(res: dict) -> str:
@@ -171,12 +183,17 @@ def render(res: dict) -> str:
                              + f" | {'; '.join(r['threads']) if r['setting'] == 'auto' else ''} |")
                 if r["setting"] == "auto":
                     t = TARGETS[cond]
+                    same, steps = steps_at(r["threads"], int(best["setting"]))
                     verdicts.append(f"- {WORKLOADS[wl]}, {where}: auto **{x:.2f}x** the best fixed count "
-                                    f"({best['setting']} threads) - {'met' if x >= t else 'MISSED'}, target >= {t}")
+                                    f"({best['setting']} threads) - {'met' if x >= t else 'MISSED'}, target >= {t}; "
+                                    f"auto computed with {best['setting']} threads on {same} of its {steps} steps")
     lines += ["", *verdicts, "",
               "tokens/s: the measured steps' tokens over their summed wall time (after 2 warm-up steps; auto's "
               "readings and changes count). `threads per step`: the count auto computed each step with, run-length "
-              "encoded. The busy process is one Python loop spinning on one core for the whole condition.",
+              "encoded. The busy process is one Python loop spinning on one core for the whole condition. Where auto "
+              "computed with the best fixed count on every step, its ratio's distance from 1 is the spread between "
+              "runs of one setting on this shared machine (see the rounds), plus auto's own cost: two reads of "
+              "/proc/stat a step, tens of microseconds.",
               "", harness.shared_machine_note(res)]
     return "\n".join(lines)
 
