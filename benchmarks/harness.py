@@ -297,7 +297,7 @@ def setup(args) -> tuple[str, Path]:
 
 def command(script: str) -> str:
     """This run's command line, without the output flags (--json, --md, --no-write, --workdir)."""
-    skip = {"--json", "--md", "--workdir"}
+    skip = {"--json", "--md", "--workdir", "--keep"}
     argv, cmd = sys.argv[1:], []
     while argv:
         a = argv.pop(0)
