@@ -82,6 +82,7 @@ def test_dense_benchmark_smoke_mode_measures_both_sides(tmp_path):
     assert "### DPO training step" in r.stdout and "### Greedy generation" in r.stdout
     assert "| llama4dpo Trainer (fp32) |" in r.stdout and "| TRL DPOTrainer (fp32) |" in r.stdout
     assert "- both fp32: tokens/s **" in r.stdout and "- batch 1, each at its fastest" in r.stdout
+    assert "### Where a compiled decoding step's time goes" in r.stdout and "| weight products" in r.stdout
 
 
 @pytest.mark.slow
