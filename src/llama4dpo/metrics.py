@@ -1,7 +1,7 @@
 """Metrics: JSON lines in `metrics.jsonl` (train and eval rows), a tqdm bar, optionally TensorBoard.
 
 Rows carry TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
-`rewards/margins`, `logps/chosen`, `logps/rejected`, plus `lr`, `grad_norm`, `tokens_per_s` and
+`rewards/margins`, `logps/chosen`, `logps/rejected`, plus `lr`, `grad_norm`, `tokens_per_s`, `threads` (CPU) and
 `expert_load/layer_N` (share of routed tokens per expert; with prefix-shared DPO rows the last layer routes only
 the scored positions, see `LlamaModel.forward`'s logit_index). Eval rows prefix names with `eval_`, as TRL does.
 Only Python floats are kept between steps - no tensors, so nothing accumulates on the device.
