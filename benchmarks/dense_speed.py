@@ -34,6 +34,7 @@ from pathlib import Path
 import harness
 import workload
 from dpo_sides import SETTINGS, describe, pool_rounds
+from generation import cells, comparison_lines
 from lora_speed import DENSE, SHAPES, run_worker  # (also adds the LoRA settings to SETTINGS)
 
 HEADING = "## The models users bring: SmolLM2-135M vs TRL and transformers (`benchmarks/dense_speed.py`)"
@@ -361,31 +362,9 @@ def gen_section(res: dict) -> list[str]:
              "| batch | weights | llama4dpo tokens/s | llama4dpo compiled | transformers generate | speed-up | speed-up "
              "compiled | MFU (compiled) | same tokens as transformers (eager / compiled) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    fastest: dict = {}
-    for r in res["gen"]:
-        rate = {k: r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"] for k in ("ours", "ours_compiled", "hf")}
-        sp = {k: f"{rate[k] / rate['hf']:.2f}x" if rate["hf"] and rate[k] else "-" for k in ("ours", "ours_compiled")}
-        best = r.get("ours_compiled_s") or r["ours_s"]
-        flops = 2 * (body + head) * r["processed_tokens"]
-        lines.append(f"| {r['batch']} | {r['precision']} | {harness.fmt(rate['ours'], 1)} | "
-                     f"{harness.fmt(rate['ours_compiled'], 1)} | {harness.fmt(rate['hf'], 1)} | {sp['ours']} | "
-                     f"{sp['ours_compiled']} | {harness.mfu(flops / best, res['peak'], 'bf16' if 'bf16' in r['precision'] else 'fp32')} | "
-                     + " / ".join(harness.fmt(r.get(k), 2) for k in ("same_ours", "same_ours_compiled")) + " |")
-        for side, keys in (("ours", ("ours", "ours_compiled")), ("hf", ("hf",))):
-            for k in keys:
-                if rate[k]:
-                    val = (rate[k], r["precision"] + (", compiled" if k == "ours_compiled" else ""))
-                    fastest[(r["batch"], side)] = max(fastest.get((r["batch"], side), val), val)
-    lines += [""]
-    for B in sorted({r["batch"] for r in res["gen"]}):
-        if (B, "ours") in fastest and (B, "hf") in fastest:
-            (o, od), (t, td) = fastest[(B, "ours")], fastest[(B, "hf")]
-            target = TARGETS["gen1"] if B == 1 else TARGETS["gen8"]
-            lines.append(f"- batch {B}, each at its fastest: llama4dpo {o:,.1f} tokens/s ({od}) vs transformers "
-                         f"{t:,.1f} ({td}): {verdict(o / t, target)}")
-    errors = sorted({f"{k}: {v}" for r in res["gen"] for k, v in r.items() if k.endswith("_error")})
-    if errors:
-        lines.append("- not measured: " + "; ".join(errors))
+    lines += [f"| {r['batch']} | {r['precision']} | " + " | ".join(cells(r, body + head, res["peak"])) + " |"
+              for r in res["gen"]]
+    lines += [""] + comparison_lines(res["gen"], lambda B, x: verdict(x, TARGETS["gen1" if B == 1 else "gen8"]))
     if res.get("read_bytes_per_s"):
         bw = res["read_bytes_per_s"]
         lines.append(f"- the memory floor: a decoding step reads every weight once (the head too: it is tied to the "

@@ -147,40 +147,56 @@ def main():
     harness.finish(args, res, render(res))
 
 
+def rates(r: dict) -> dict:
+    """tokens/s of each variant of a measured row (None where it was not measured)."""
+    return {k: r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"] for k in ("ours", "ours_compiled", "hf")}
+
+
+def cells(r: dict, n: int, peak: dict) -> list[str]:
+    """A row's measured columns: tokens/s eager, compiled and transformers', the two speed-ups, the MFU of our
+    faster variant (2 x n x (prompt + new tokens) / time), the shares of tokens equal to transformers'."""
+    rate = rates(r)
+    sp = [f"{rate[k] / rate['hf']:.2f}x" if rate["hf"] and rate[k] else "-" for k in ("ours", "ours_compiled")]
+    best = r.get("ours_compiled_s") or r["ours_s"]
+    return [harness.fmt(rate["ours"], 1), harness.fmt(rate["ours_compiled"], 1), harness.fmt(rate["hf"], 1), *sp,
+            harness.mfu(2 * n * r["processed_tokens"] / best, peak, "bf16" if "bf16" in r["precision"] else "fp32"),
+            " / ".join(harness.fmt(r.get(k), 2) for k in ("same_ours", "same_ours_compiled"))]
+
+
+def comparison_lines(gen: list[dict], judge) -> list[str]:
+    """Per batch size, each side at its fastest (over weights and compilation): '- batch B, ...: judge(B, ratio)';
+    then what could not be measured."""
+    fastest: dict = {}
+    for r in gen:
+        rate = rates(r)
+        for side, keys in (("ours", ("ours", "ours_compiled")), ("hf", ("hf",))):
+            for k in keys:
+                if rate[k]:
+                    v = (rate[k], r["precision"] + (", compiled" if k == "ours_compiled" else ""))
+                    fastest[(r["batch"], side)] = max(fastest.get((r["batch"], side), v), v)
+    lines = []
+    for B in sorted({r["batch"] for r in gen}):
+        if (B, "ours") in fastest and (B, "hf") in fastest:
+            (o, od), (t, td) = fastest[(B, "ours")], fastest[(B, "hf")]
+            lines.append(f"- batch {B}, each at its fastest: llama4dpo {o:,.1f} tokens/s ({od}) vs transformers "
+                         f"{t:,.1f} ({td}): {judge(B, o / t)}")
+    errors = sorted({f"{k}: {v}" for r in gen for k, v in r.items() if k.endswith("_error")})
+    return lines + (["- not measured: " + "; ".join(errors)] if errors else [])
+
+
 def render(res: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in res["versions"].items() if k == "transformers" and v)
     lines = [HEADING, "", f"`{res['cmd']}` - {res['date']}, {res['machine']}; {versions}. Preset {res['preset']}, "
              f"greedy, KV cache, prompt {res['prompt']} tokens, every row generates the same count; median of "
              f"{res['repeat']} call(s) per variant, timed in turns. Whole run: {res['wall_s']:.0f} s.", ""]
     lines += workload.describe_models(res["models"])
-    rows, fastest = [], {}
-    for r in res["gen"]:
-        n = res["models"][r["experts"]]["flop_params"]
-        rate = {k: r.get(f"{k}_s") and r["new_tokens"] / r[f"{k}_s"] for k in ("ours", "ours_compiled", "hf")}
-        sp = {k: f"{rate[k] / rate['hf']:.2f}x" if rate["hf"] and rate[k] else "-" for k in ("ours", "ours_compiled")}
-        best = r.get("ours_compiled_s") or r["ours_s"]
-        rows.append([r["experts"], r["batch"], r["precision"], r["new_tokens"], harness.fmt(rate["ours"], 1),
-                     harness.fmt(rate["ours_compiled"], 1), harness.fmt(rate["hf"], 1), sp["ours"], sp["ours_compiled"],
-                     harness.mfu(2 * n * r["processed_tokens"] / best, res["peak"],
-                                 "bf16" if "bf16" in r["precision"] else "fp32"),
-                     " / ".join(harness.fmt(r.get(k), 2) for k in ("same_ours", "same_ours_compiled"))])
-        for side, keys in (("ours", ("ours", "ours_compiled")), ("hf", ("hf",))):
-            for k in keys:
-                if rate[k]:
-                    v = (rate[k], r["precision"] + (", compiled" if k == "ours_compiled" else ""))
-                    fastest[(r["batch"], side)] = max(fastest.get((r["batch"], side), v), v)
+    rows = [[r["experts"], r["batch"], r["precision"], r["new_tokens"],
+             *cells(r, res["models"][r["experts"]]["flop_params"], res["peak"])] for r in res["gen"]]
     lines += ["", harness.markdown_table(
         ["experts", "batch", "precision", "new tokens", "llama4dpo tokens/s", "llama4dpo compiled tokens/s",
          "transformers generate tokens/s", "speed-up", "speed-up compiled", "llama4dpo MFU (compiled)",
          "same tokens (eager / compiled)"], rows, "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")]
-    for B in sorted({r["batch"] for r in res["gen"]}):
-        if (B, "ours") in fastest and (B, "hf") in fastest:
-            (o, od), (t, td) = fastest[(B, "ours")], fastest[(B, "hf")]
-            lines.append(f"- batch {B}, each at its fastest: llama4dpo {o:,.1f} tok/s ({od}) vs transformers "
-                         f"{t:,.1f} ({td}): **{o / t:.2f}x**")
-    errors = sorted({f"{k}: {v}" for r in res["gen"] for k, v in r.items() if k.endswith("_error")})
-    if errors:
-        lines.append("- not measured: " + "; ".join(errors))
+    lines += comparison_lines(res["gen"], lambda B, x: f"**{x:.2f}x**")
     lines += ["", "Compiled: `generate_ids(..., compile=True)` (`llama4dpo generate --compile`) runs each decoding "
               "step through `torch.compile(model.decode)` (on CPU with inductor's C++ wrapper, on CUDA as CUDA "
               "graphs: mode reduce-overhead, a static cache reused per shape); its first call compiles, and is a "

@@ -123,38 +123,26 @@ def autocast(precision: str, device: str):
 QUIET = 0.25  # a step is "quiet" when other processes used less than this many cores during it
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, jiffies of this process: all its threads), 0s off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(v) - v[3] - v[4], int(fields[11]) + int(fields[12])
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
 class StepClock:
     """Wall time of each interval between ticks, and how many cores OTHER processes used meanwhile (the shared
-    machine's load, from /proc/stat minus this process's own CPU time)."""
-
-    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    machine's load: /proc/stat's busy time less this process's own, as `train.threads=auto` reads it; 0 off
+    Linux)."""
 
     def __init__(self, device="cpu"):
         self.device, self.times, self.others = device, [], []
         self.start()
 
     def start(self):
-        self.last = (time.perf_counter(), *cpu_jiffies())
+        from llama4dpo.runtime.threads import Reading
+        self.reading = Reading()
+        self.reading.begin()
 
     def tick(self):
         sync(self.device)
-        now = (time.perf_counter(), *cpu_jiffies())
-        dt = now[0] - self.last[0]
-        self.times.append(dt)
-        self.others.append(max(0.0, ((now[1] - self.last[1]) - (now[2] - self.last[2])) / self.HZ / max(dt, 1e-9)))
-        self.last = now
+        self.reading.end(0)
+        self.times.append(self.reading.wall)
+        self.others.append(self.reading.cores_used)
+        self.start()
 
 
 def quiet_median(times: list[float], others: list[float], min_quiet: int = 3) -> tuple[float, int]:

@@ -38,8 +38,7 @@ TARGETS = {"busy": 0.9, "quiet": 0.97}
 def worker(spec: dict) -> dict:
     import torch
     from llama4dpo import Config
-    from llama4dpo.train import recipes
-    clock, counts = None, []
+    clock, counts, tokens = None, [], []
     total = spec["warmup"] + spec["steps"]
     work = Path(spec["workdir"])
 
@@ -53,7 +52,6 @@ def worker(spec: dict) -> dict:
         if len(counts) == total:
             raise workload.StopRun
         return out
-    tokens: list[int] = []
     threads = [f"train.threads={spec['threads']}"]
     if spec["workload"] == "dpo-15m":
         ckpt, _, _ = workload.build_checkpoints(spec["preset"], spec["experts"], Path(spec["ckpt_dir"]))

@@ -110,7 +110,7 @@ def test_where_the_environment_or_the_config_says_so_the_count_is_fixed(monkeypa
 def test_config_takes_auto_or_a_count(tiny_config):
     assert tiny_config().train.threads == "auto"
     assert tiny_config(["train.threads=3"]).train.threads == 3
-    for bad in ("0", "-1", "many"):
+    for bad in ("0", "-1", "+-3", "many"):
         with pytest.raises(ConfigError, match="train.threads"):
             tiny_config([f"train.threads={bad}"])
 

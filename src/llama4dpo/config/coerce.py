@@ -21,8 +21,10 @@ def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType) and set(args) == {int, str}:  # a count or a word ("auto")
         if raw:
-            text = value.strip()
-            return int(text) if text.lstrip("+-").isdigit() else str(text)
+            try:
+                return int(value)
+            except ValueError:
+                return str(value.strip())
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return value
         raise ConfigError(f"{key}: expected an integer or a string, got {value!r}"[:200])

@@ -57,17 +57,14 @@ class Reading:
         self.wall = self.others = self.tokens = 0.0
         self._start: tuple[float, float, float] | None = None
 
-    def begin(self) -> bool:
-        busy = busy_seconds()
-        if busy is None:
-            return False
-        self._start = (time.perf_counter(), busy, own_seconds())
-        return True
+    def begin(self) -> None:
+        self._start = (time.perf_counter(), busy_seconds(), own_seconds())
 
     def end(self, tokens: int) -> None:
+        """Add the interval since `begin` (others: 0 where /proc/stat is missing)."""
         wall0, busy0, own0 = self._start
-        wall = time.perf_counter() - wall0
-        others = max(0.0, (busy_seconds() - busy0) - (own_seconds() - own0))
+        wall, busy = time.perf_counter() - wall0, busy_seconds()
+        others = 0.0 if busy is None or busy0 is None else max(0.0, (busy - busy0) - (own_seconds() - own0))
         self.wall, self.others, self.tokens = self.wall + wall, self.others + others, self.tokens + tokens
 
     @property
